@@ -1,0 +1,40 @@
+"""popkin: population PK/PD in JAX.
+
+NLME estimation (FO, FOCE, FOCE-I, Laplace), post-hoc joining of endpoint models, and
+amortized in-context PK models. Float64 is switched on at import (NLME objectives need it).
+"""
+
+from . import _config  # noqa: F401  (enables float64 before any array is made)
+from .data import DataError as DataError
+from .data import Population as Population
+from .data import datasets as datasets
+from .data import read_nonmem as read_nonmem
+from .models import Bounded as Bounded
+from .models import Fixed as Fixed
+from .models import LinearPK as LinearPK
+from .models import LogNormal as LogNormal
+from .models import Model as Model
+from .models import Normal as Normal
+from .models import Omega as Omega
+from .models import OneCmtIV as OneCmtIV
+from .models import OneCmtOral as OneCmtOral
+from .models import Params as Params
+from .models import Positive as Positive
+from .models import ThreeCmtIV as ThreeCmtIV
+from .models import ThreeCmtOral as ThreeCmtOral
+from .models import TwoCmtIV as TwoCmtIV
+from .models import TwoCmtOral as TwoCmtOral
+from .models import additive as additive
+from .models import combined as combined
+from .models import exponential as exponential
+from .models import proportional as proportional
+from .nlme import Fit as Fit
+from .nlme import FitStatus as FitStatus
+from .nlme import fit as fit
+from .nlme import load_fit as load_fit
+from .params import ModelParams as ModelParams
+from .params import default_params as default_params
+from .priors import Gaussian as Gaussian
+from .simulate import simulate as simulate
+
+__version__ = "0.1.0"

@@ -1,0 +1,285 @@
+"""`popkin.fit`: population estimation by FO, FOCE, FOCE-I or Laplace.
+
+The outer loop is SciPy's BFGS over the unconstrained parameter vector, driven by the exact
+objective and its exact gradient (implicit differentiation through the per-subject modes, all
+computed under `jax.jit(jax.vmap(...))`). Modes are warm-started between evaluations. The
+covariance step differentiates the exact gradient by central differences (R matrix) and forms
+`cov = (R/2)^-1` (the OFV is -2 log L) or the sandwich `I^-1 S I^-1`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import warnings
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
+
+from ..data._population import Population
+from ..models._model import Model
+from ..params import ModelParams, default_params, pack, unpack
+from ..priors import Gaussian
+from ..simulate import predictor_for
+from ._inner import find_mode
+from ._objective import METHODS, SubjectProblem
+from ._result import Fit, FitStatus
+
+
+def _prior(params: ModelParams, fixed_prior):
+    return fixed_prior if fixed_prior is not None else Gaussian(params.omega)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _modes(problem: SubjectProblem, estimate_omega: bool, u, eta0, subjects, fixed_prior):
+    """Modes of all subjects (vmapped) at the unconstrained parameters `u`."""
+    params = _unpack(problem, estimate_omega, u)
+    prior = _prior(params, fixed_prior)
+    return jax.vmap(lambda e, s: find_mode(problem, params, prior, e, s))(eta0, subjects)
+
+
+def _unpack(problem: SubjectProblem, estimate_omega: bool, u) -> ModelParams:
+    model = problem.pred.model
+    omega_fixed = None if estimate_omega else jnp.asarray(model.omega.matrix_init())
+    return unpack(model, u, omega_fixed)
+
+
+def _ofv_vec(problem, estimate_omega, u, eta, Hinv, subjects, fixed_prior):
+    params = _unpack(problem, estimate_omega, u)
+    prior = _prior(params, fixed_prior)
+    return jax.vmap(lambda e, h, s: problem.ofv(params, prior, e, h, s))(eta, Hinv, subjects)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _ofv_and_jac(problem, estimate_omega, u, eta, Hinv, subjects, fixed_prior):
+    """Per-subject OFV and its exact Jacobian with respect to `u` (forward mode)."""
+    f = lambda uu: _ofv_vec(problem, estimate_omega, uu, eta, Hinv, subjects, fixed_prior)
+    return f(u), jax.jacfwd(f)(u)
+
+
+class _Engine:
+    """One (model, population, method, prior) problem; compiled programs are shared."""
+
+    def __init__(self, model: Model, population: Population, method: str, prior=None):
+        self.model = model
+        self.population = population
+        self.method = method
+        self.fixed_prior = prior
+        self.estimate_omega = prior is None and model.omega.n_free() > 0
+        self.omega_fixed = None if self.estimate_omega else jnp.asarray(model.omega.matrix_init())
+        self.problem = SubjectProblem(predictor_for(model, population), method)
+
+    def modes(self, u, eta0):
+        return _modes(
+            self.problem, self.estimate_omega, u, eta0, self.population.subjects, self.fixed_prior
+        )
+
+    def ofv_and_jac(self, u, eta, Hinv):
+        return _ofv_and_jac(
+            self.problem,
+            self.estimate_omega,
+            u,
+            eta,
+            Hinv,
+            self.population.subjects,
+            self.fixed_prior,
+        )
+
+    def pack(self, params: ModelParams):
+        return pack(self.model, params, self.estimate_omega)
+
+    def unpack(self, u) -> ModelParams:
+        return unpack(self.model, jnp.asarray(u), self.omega_fixed)
+
+    def eta_start(self):
+        return jnp.zeros((self.population.n_subjects, len(self.model.eta_names)))
+
+
+def fit(
+    model: Model,
+    data,
+    method: str = "focei",
+    *,
+    params: ModelParams | None = None,
+    prior=None,
+    maxeval: int = 500,
+    covariance: str | None = "r",
+    gtol: float = 1e-4,
+    progress: bool | Callable = False,
+) -> Fit:
+    """Estimate `model` on `data` (a `Population`, DataFrame or CSV path).
+
+    **Arguments:**
+    - `method`: "fo", "foce", "focei" (FOCE with interaction) or "laplace".
+    - `params`: initial values (default: the model's).
+    - `prior`: a fixed prior over all random effects (anything with `log_prob`); Omega is then
+      not estimated. Default: `N(0, Omega)` with Omega estimated.
+    - `maxeval`: maximum objective evaluations; 0 evaluates the objective at `params` only
+      (NONMEM's MAXEVAL=0).
+    - `covariance`: "r" (inverse R matrix), "sandwich" (R^-1 S R^-1) or None.
+    - `progress`: True for a progress display, or a callback `f(n_eval, ofv)`.
+
+    **Returns:** a `Fit` whose `ofv` is -2 log-likelihood without the N log(2 pi) constant.
+    """
+    from ..data._reader import read_nonmem
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if covariance not in ("r", "sandwich", None):
+        raise ValueError(f"covariance must be 'r', 'sandwich' or None, got {covariance!r}")
+    population = data if isinstance(data, Population) else read_nonmem(data)
+    prior = prior if prior is not None else model.prior
+    if method == "fo" and prior is not None:
+        raise ValueError("FO needs the Gaussian Omega prior; use focei or laplace with a prior.")
+    t_start = time.perf_counter()
+    engine = _Engine(model, population, method, prior)
+    params0 = params if params is not None else default_params(model)
+    u0 = np.asarray(engine.pack(params0), float)
+    state = {"eta": engine.eta_start(), "n": 0, "best": (np.inf, u0), "history": []}
+    messages: list[str] = []
+
+    def evaluate(u):
+        u = jnp.asarray(u)
+        res = engine.modes(u, state["eta"])
+        ok = np.asarray(jnp.all(jnp.isfinite(res.eta), axis=1))
+        if ok.all():
+            state["eta"] = res.eta
+        vals, jac = engine.ofv_and_jac(u, res.eta, res.hess_inv)
+        return res, np.asarray(vals), np.asarray(jac)
+
+    report = _progress_callback(progress, maxeval)
+
+    def fun(u):
+        res, vals, jac = evaluate(u)
+        total = float(np.sum(vals))
+        state["n"] += 1
+        if not np.isfinite(total):
+            return np.inf, np.zeros_like(u)
+        state["history"].append(total)
+        if total < state["best"][0]:
+            state["best"] = (total, np.array(u))
+        if report:
+            report(state["n"], total)
+        return total, np.sum(jac, axis=0)
+
+    status = FitStatus.SUCCESS
+    if maxeval == 0 or u0.size == 0:
+        u_hat = u0
+        status = FitStatus.EVALUATION_ONLY
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            opt = scipy.optimize.minimize(
+                fun, u0, jac=True, method="BFGS", options={"maxiter": maxeval, "gtol": gtol}
+            )
+        u_hat = state["best"][1]
+        if not opt.success:
+            gnorm = float(np.max(np.abs(opt.jac))) if opt.jac is not None else np.inf
+            if state["n"] >= maxeval or opt.nit >= maxeval:
+                status = FitStatus.MAX_EVALUATIONS
+                messages.append(f"stopped after {opt.nit} iterations (maxeval={maxeval})")
+            elif gnorm < 1e-2 * max(1.0, abs(state["best"][0])) ** 0.5:
+                messages.append(f"BFGS: {opt.message} (max |gradient| {gnorm:.2g}; accepted)")
+            else:
+                status = FitStatus.OUTER_NOT_CONVERGED
+                messages.append(f"BFGS: {opt.message} (max |gradient| {gnorm:.2g})")
+    if report and hasattr(report, "close"):
+        report.close()
+    res, vals, jac = evaluate(u_hat)
+    ofv = float(np.sum(vals))
+    if not np.isfinite(ofv):
+        status = FitStatus.NONFINITE_OBJECTIVE
+        bad = np.flatnonzero(~np.isfinite(vals))
+        ids = [population.ids[i] for i in bad[:10]]
+        messages.append(f"objective is not finite for subject(s) {ids}")
+    conv = np.asarray(res.converged)
+    if not conv.all():
+        ids = [population.ids[i] for i in np.flatnonzero(~conv)[:10]]
+        messages.append(f"inner mode not converged for {int((~conv).sum())} subject(s): {ids}")
+        if status == FitStatus.SUCCESS:
+            status = FitStatus.INNER_NOT_CONVERGED
+    cov_u = None
+    if covariance is not None and status in (FitStatus.SUCCESS, FitStatus.INNER_NOT_CONVERGED):
+        cov_u, msg = _covariance_step(engine, evaluate, u_hat, jac, covariance)
+        if msg:
+            messages.append(msg)
+            if status == FitStatus.SUCCESS:
+                status = FitStatus.COVARIANCE_FAILED
+    for m in messages:
+        warnings.warn(m, stacklevel=2)
+    return Fit.build(
+        engine=engine,
+        u_hat=u_hat,
+        ofv=ofv,
+        ofv_subjects=vals,
+        modes=res,
+        cov_u=cov_u,
+        covariance=covariance,
+        status=status,
+        messages=messages,
+        n_evaluations=state["n"],
+        history=state["history"],
+        seconds=time.perf_counter() - t_start,
+    )
+
+
+def _covariance_step(engine, evaluate, u_hat, jac_hat, kind):
+    """R matrix by central differences of the exact gradient; returns (cov_u, message)."""
+    n = u_hat.size
+    R = np.zeros((n, n))
+    for k in range(n):
+        h = 1e-4 * max(1.0, abs(u_hat[k]))
+        e = np.zeros(n)
+        e[k] = h
+        gp = np.sum(evaluate(u_hat + e)[2], axis=0)
+        gm = np.sum(evaluate(u_hat - e)[2], axis=0)
+        R[:, k] = (gp - gm) / (2 * h)
+    R = 0.5 * (R + R.T)
+    # Restore the modes at the estimate.
+    evaluate(u_hat)
+    if not np.all(np.isfinite(R)):
+        return None, "covariance step failed: R matrix not finite"
+    w = np.linalg.eigvalsh(R)
+    if np.min(w) <= 0:
+        return (
+            None,
+            f"covariance step failed: R matrix not positive definite (min eig {w.min():.3g})",
+        )
+    info = 0.5 * R  # Fisher information: OFV = -2 log L
+    info_inv = np.linalg.inv(info)
+    if kind == "sandwich":
+        s = 0.5 * jac_hat  # per-subject score (sign irrelevant)
+        S = s.T @ s
+        return info_inv @ S @ info_inv, None
+    return info_inv, None
+
+
+def _progress_callback(progress, maxeval):
+    if callable(progress):
+        return progress
+    if not progress:
+        return None
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("[bold]estimating[/]"),
+        BarColumn(),
+        TextColumn("eval {task.completed:.0f}"),
+        TextColumn("OFV {task.fields[ofv]}"),
+        TimeElapsedColumn(),
+        transient=False,
+    )
+    task = bar.add_task("fit", total=None, ofv="-")
+    bar.start()
+
+    class _Report:
+        def __call__(self, n, ofv):
+            bar.update(task, completed=n, ofv=f"{ofv:.4f}")
+
+        def close(self):
+            bar.stop()
+
+    return _Report()
