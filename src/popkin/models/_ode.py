@@ -152,20 +152,27 @@ class ODE(AbstractDynamics):
         """$f(t, x, p)$ as an array of shape (n_states,), without dose input."""
         return _as_vector(self.rhs(t, StateView(self.state_names, x), p), self.state_names, "rhs")
 
-    def _term(self) -> diffrax.ODETerm:
+    def _solve(self, x, t0, t1, p, u, t_off, ts, jump=None, variational=False):
+        """Integrate from `t0` to `t1` with input `u` on `t < t_off`; states at `ts` and `t1`.
+
+        With `variational=True` the state is `(x, Phi)` with $\\dot\\Phi = (\\partial f/\\partial x)
+        \\Phi$ (the sensitivity of the flow to its initial state).
+        """
+
         def f(t, x, args):
             p, u, t_off = args
-            # u is the constant input on the interval; it switches off at t_off (SS infusions).
             return self.vector_field(t, x, p) + jnp.where(t < t_off, u, 0.0)
 
-        return diffrax.ODETerm(f)
+        def f_var(t, z, args):
+            x, phi = z
+            dx, lin = jax.linearize(lambda y: f(t, y, args), x)
+            return dx, jax.vmap(lin, in_axes=1, out_axes=1)(phi)
 
-    def _solve(self, x, t0, t1, p, u, t_off, ts, jump=None):
         controller = diffrax.PIDController(rtol=self.rtol, atol=self.atol)
         if jump is not None:
             controller = diffrax.ClipStepSizeController(controller, jump_ts=jump)
         sol = diffrax.diffeqsolve(
-            self._term(),
+            diffrax.ODETerm(f_var if variational else f),
             self.solver,
             t0=t0,
             t1=t1,
@@ -178,8 +185,8 @@ class ODE(AbstractDynamics):
             adjoint=diffrax.ForwardMode(),
             throw=False,
         )
-        ok = (sol.result == diffrax.RESULTS.successful) & jnp.all(jnp.isfinite(sol.ys))
-        return sol.ys, ok
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(y)) for y in jax.tree.leaves(sol.ys)]))
+        return sol.ys, (sol.result == diffrax.RESULTS.successful) & finite
 
     def _newton_tol(self, x_new):
         return 1e3 * self.rtol * jnp.abs(x_new) + 1e3 * self.atol
@@ -202,18 +209,15 @@ class ODE(AbstractDynamics):
         jump = jnp.stack([t0 + jnp.where(is_inf, jnp.minimum(dur, ii), 0.5 * ii)])
         ts = jnp.clip(t_rec, t0, t_dose)[None]
 
-        def period(y):
-            ys, ok = self._solve(y + bolus, t0, t_dose, p, u, t_off, ts, jump)
-            out = jnp.concatenate([ys[1], ys[0]])  # P(y), state at t_rec
-            return out, (out, ok)
-
         def body(c):
             k, y, _, _, bad = c
-            jac, (out, ok) = jax.jacfwd(period, has_aux=True)(y)
-            p_y, x_rec = out[:n], out[n:]
-            step = jnp.linalg.solve(jnp.eye(n) - jac[:n], p_y - y)
+            (ys, phis), ok = self._solve(
+                (y + bolus, jnp.eye(n)), t0, t_dose, p, u, t_off, ts, jump, variational=True
+            )
+            # ys[0], phis[0]: state at t_rec and its Jacobian; ys[1], phis[1]: P(y), dP/dy.
+            step = jnp.linalg.solve(jnp.eye(n) - phis[1], ys[1] - y)
             y_new = y + step
-            x_new = x_rec + jac[n:] @ step
+            x_new = ys[0] + phis[0] @ step
             conv = jnp.all(jnp.abs(step) <= self._newton_tol(y_new))
             bad = bad | ~ok | ~jnp.all(jnp.isfinite(x_new))
             return k + 1, y_new, x_new, conv, bad
@@ -222,7 +226,9 @@ class ODE(AbstractDynamics):
             k, _, _, conv, bad = c
             return (k < 12) & ~conv & ~bad
 
-        _, _, x, conv, bad = lax.while_loop(cond, body, (0, x0, x0, jnp.array(False), jnp.array(False)))
+        _, _, x, conv, bad = lax.while_loop(
+            cond, body, (0, x0, x0, jnp.array(False), jnp.array(False))
+        )
         return jnp.where(conv & ~bad, x, jnp.nan)
 
     def _equilibrium(self, p, x0, t, cmt, rate):
@@ -235,9 +241,7 @@ class ODE(AbstractDynamics):
             k, x, _ = c
             step = -jnp.linalg.solve(jax.jacfwd(g)(x), g(x))
             x_new = x + step
-            conv = jnp.all(jnp.abs(step) <= self._newton_tol(x_new)) | ~jnp.all(
-                jnp.isfinite(x_new)
-            )
+            conv = jnp.all(jnp.abs(step) <= self._newton_tol(x_new)) | ~jnp.all(jnp.isfinite(x_new))
             return k + 1, x_new, conv
 
         _, x, conv = lax.while_loop(lambda c: (c[0] < 30) & ~c[2], body, (0, x0, jnp.array(False)))
@@ -263,7 +267,9 @@ class ODE(AbstractDynamics):
         # Zero-order input of each dose on [inf_start, inf_stop).
         inf_start = jnp.where(continuous, rec_t, eff.time)
         inf_stop = jnp.where(
-            continuous, eff.end, jnp.minimum(eff.time + jnp.where(continuous, 0.0, eff.dur), eff.end)
+            continuous,
+            eff.end,
+            jnp.minimum(eff.time + jnp.where(continuous, 0.0, eff.dur), eff.end),
         )
         inf_on = ok & (eff.dur > 0) & (~continuous | ssd) & (inf_start < inf_stop)
         bolus_on = ok & is_bolus & (eff.time < eff.end)
@@ -345,8 +351,15 @@ class ODE(AbstractDynamics):
                 continuous[d],
                 lambda: self._equilibrium(p, x0, rec_t[d], eff.cmt[d], eff.rate[d]),
                 lambda: self._periodic(
-                    p, x0, eff.time[d], rec_t[d], eff.cmt[d], eff.amt[d], eff.rate[d],
-                    dur[d], ii[d],
+                    p,
+                    x0,
+                    eff.time[d],
+                    rec_t[d],
+                    eff.cmt[d],
+                    eff.amt[d],
+                    eff.rate[d],
+                    dur[d],
+                    ii[d],
                 ),
             )
             return j + 1, S.at[d].set(x)

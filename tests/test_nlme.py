@@ -1,0 +1,200 @@
+"""NLME engine checked against external references (NONMEM, nlmixr2) and closed forms."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+
+import popkin
+from popkin.models.library import Theophylline
+
+WANG = (
+    "1,0,10.68/1,1,3.6837/2,0,10.402/2,1,6.454/3,0,9.8814/3,1,5.8565/4,0,9.3408/4,1,5.6209/"
+    "5,0,10.082/5,1,6.7583/6,0,9.8938/6,1,6.5049/7,0,9.8908/7,1,6.9557/8,0,10.234/8,1,6.4488/"
+    "9,0,9.9882/9,1,6.7112/10,0,9.6736/10,1,6.6402"
+)
+
+
+def wang_data() -> pd.DataFrame:
+    rows = [list(map(float, r.split(","))) for r in WANG.split("/")]
+    return pd.DataFrame(rows, columns=["ID", "TIME", "DV"])
+
+
+class _Times(popkin.models.AbstractDynamics):
+    """Dynamics exposing the record times (for models written directly in time)."""
+
+    @property
+    def states(self):
+        return ("t",)
+
+    def amounts(self, p, doses, times, resets):
+        return times[:, None]
+
+
+class WangAdditive(popkin.Model):
+    """Wang (2007): f = 10 exp(-ke t), ke = theta exp(eta); theta=0.5, omega^2=0.04, sigma^2=0.1."""
+
+    theta = popkin.Params(th=popkin.Positive(0.5))
+    omega = popkin.Omega(eta=0.04)
+    sigma = popkin.Params(var=popkin.Positive(0.1))
+    dynamics = _Times()
+
+    def individual(self, th, eta, cov):
+        return dict(ke=th.th * jnp.exp(eta.eta))
+
+    def observe(self, p, sol, sg):
+        return {"y": popkin.additive(10 * jnp.exp(-p["ke"] * sol.t), jnp.sqrt(sg.var))}
+
+
+class WangProportional(WangAdditive):
+    def observe(self, p, sol, sg):
+        return {"y": popkin.proportional(10 * jnp.exp(-p["ke"] * sol.t), jnp.sqrt(sg.var))}
+
+
+# Published objective values at the initial estimates (NONMEM 7.5, nlmixr2, Pumas agree).
+WANG_REFERENCE = [
+    (WangAdditive, "fo", 0.026),
+    (WangAdditive, "foce", -2.059),
+    (WangAdditive, "focei", -2.059),
+    (WangProportional, "fo", 39.213),
+    (WangProportional, "foce", 39.207),
+    (WangProportional, "focei", 39.458),
+]
+
+
+@pytest.mark.parametrize("model_cls, method, reference", WANG_REFERENCE)
+def test_wang2007_objective(model_cls, method, reference):
+    fit = popkin.fit(model_cls(), wang_data(), method, maxeval=0, covariance=None)
+    assert fit.status == popkin.FitStatus.EVALUATION_ONLY
+    assert round(fit.ofv, 3) == pytest.approx(reference, abs=1.1e-3)
+
+
+@pytest.fixture(scope="module")
+def theo_fit():
+    return popkin.fit(Theophylline(), popkin.datasets.theophylline(), "focei")
+
+
+def test_theophylline_focei_matches_nlmixr2(theo_fit):
+    """nlmixr2 FOCE-I on theo_sd: OFV 116.80, tka 0.4663, tcl 1.012, tv 3.460, sd 0.6947."""
+    fit = theo_fit
+    assert fit.status == popkin.FitStatus.SUCCESS
+    assert fit.ofv == pytest.approx(116.80, abs=0.05)
+    est = fit.estimates.set_index("parameter")
+    for name, ref in [("tka", 0.4663), ("tcl", 1.012), ("tv", 3.460), ("add_sd", 0.6947)]:
+        assert est.loc[name, "estimate"] == pytest.approx(ref, rel=0.01), name
+    for name, ref in [("tka", 0.191), ("tcl", 0.0837), ("tv", 0.0465)]:
+        assert est.loc[name, "se"] == pytest.approx(ref, rel=0.10), name
+
+
+def test_fit_outputs_and_residuals(theo_fit):
+    fit = theo_fit
+    pr = fit.predictions
+    obs = pr[pr["MDV"] == 0]
+    assert len(obs) == 132
+    for col in ["PRED", "IPRED", "RES", "WRES", "CWRES", "IWRES"]:
+        assert np.all(np.isfinite(obs[col])), col
+    # IPRED fits better than PRED; CWRES roughly standardised.
+    assert np.mean(np.abs(obs.DV - obs.IPRED)) < np.mean(np.abs(obs.DV - obs.PRED))
+    assert 0.5 < np.std(obs.CWRES) < 1.5
+    assert fit.eta.shape == (12, 3) and fit.eta_cov.shape == (12, 3, 3)
+    assert np.all(np.linalg.eigvalsh(fit.eta_cov) > 0)
+    sh = fit.shrinkage
+    assert set(sh["eta"]) == {"eta_ka", "eta_cl", "eta_v"}
+    text = fit.summary()
+    assert "OFV" in text and "tka" in text and "RSE%" in text
+    corr = fit.correlation
+    assert np.allclose(np.diag(corr.to_numpy()), 1.0)
+
+
+def test_save_load_round_trip_is_exact(theo_fit, tmp_path):
+    path = theo_fit.save(tmp_path / "theo.json")
+    back = popkin.load_fit(path)
+    assert back.ofv == theo_fit.ofv
+    assert np.array_equal(back.u_hat, theo_fit.u_hat)
+    assert np.array_equal(back.eta, theo_fit.eta)
+    assert np.array_equal(back.eta_cov, theo_fit.eta_cov)
+    assert np.array_equal(back.cov_u, theo_fit.cov_u)
+    assert back.status == theo_fit.status
+    pd.testing.assert_frame_equal(back.estimates, theo_fit.estimates)
+    pd.testing.assert_frame_equal(back.predictions, theo_fit.predictions)
+
+
+def test_load_fit_rejects_corrupted_files(theo_fit, tmp_path):
+    path = theo_fit.save(tmp_path / "theo.json")
+    text = path.read_text()
+    (tmp_path / "trunc.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match="not a readable popkin fit"):
+        popkin.load_fit(tmp_path / "trunc.json")
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="not a popkin fit file"):
+        popkin.load_fit(tmp_path / "other.json")
+
+
+class LinearGaussian(popkin.Model):
+    """y_ij = mu + eta_i + eps_ij: the marginal likelihood is exactly Gaussian."""
+
+    theta = popkin.Params(mu=1.0)
+    omega = popkin.Omega(eta=0.5)
+    sigma = popkin.Params(sd=popkin.Positive(0.3))
+    dynamics = _Times()
+
+    def individual(self, th, eta, cov):
+        return dict(m=th.mu + eta.eta)
+
+    def observe(self, p, sol, sg):
+        return {"y": popkin.additive(p["m"] + 0.0 * sol.t, sg.sd)}
+
+
+def _linear_gaussian_data(seed=0, n=30, k=4):
+    rng = np.random.default_rng(seed)
+    eta = rng.normal(0, np.sqrt(0.5), n)
+    rows = []
+    for i in range(n):
+        for j in range(k):
+            rows.append((i + 1, float(j), 1.0 + eta[i] + rng.normal(0, 0.3)))
+    return pd.DataFrame(rows, columns=["ID", "TIME", "DV"])
+
+
+def _exact_ofv(df, mu, omega, sd):
+    ofv = 0.0
+    for _, g in df.groupby("ID"):
+        y = g.DV.to_numpy()
+        C = omega * np.ones((len(y), len(y))) + sd**2 * np.eye(len(y))
+        r = y - mu
+        ofv += np.linalg.slogdet(C)[1] + r @ np.linalg.solve(C, r)
+    return ofv
+
+
+@pytest.mark.parametrize("method", ["fo", "foce", "focei", "laplace"])
+def test_linear_gaussian_objective_is_exact(method):
+    """For a model linear in eta with Gaussian errors every approximation is exact."""
+    df = _linear_gaussian_data()
+    fit = popkin.fit(LinearGaussian(), df, method, maxeval=0, covariance=None)
+    assert fit.ofv == pytest.approx(_exact_ofv(df, 1.0, 0.5, 0.3), abs=1e-8)
+
+
+def test_fixed_prior_is_used_and_not_estimated():
+    df = _linear_gaussian_data()
+    prior = popkin.Gaussian(jnp.array([[0.2]]))
+    fit = popkin.fit(LinearGaussian(), df, "laplace", prior=prior, maxeval=0, covariance=None)
+    assert fit.ofv == pytest.approx(_exact_ofv(df, 1.0, 0.2, 0.3), abs=1e-8)
+    fit2 = popkin.fit(LinearGaussian(), df, "laplace", prior=prior, covariance=None)
+    assert not any(fit2.estimates["block"] == "omega")
+    assert fit2.status == popkin.FitStatus.SUCCESS
+
+
+class Broken(LinearGaussian):
+    def observe(self, p, sol, sg):
+        return {"y": popkin.additive(jnp.log(p["m"] - 100.0) + 0.0 * sol.t, sg.sd)}
+
+
+def test_nonfinite_objective_is_reported():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = popkin.fit(Broken(), _linear_gaussian_data(), "focei", maxeval=0, covariance=None)
+    assert fit.status == popkin.FitStatus.NONFINITE_OBJECTIVE
+    assert any("not finite" in str(w.message) for w in caught)
