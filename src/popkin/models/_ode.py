@@ -33,6 +33,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ..data._population import Doses
@@ -96,6 +97,10 @@ class ODE(AbstractDynamics):
     - `dose_compartment`: index of the state that `lag`/`bioav` in `p` apply to.
     - `solver`: a diffrax solver (default `Tsit5()`; pass `Kvaerno5()` for stiff systems).
     - `rtol`, `atol`: PID step-size tolerances; `max_steps`: step budget per event interval.
+    - `steady_state`: compile the SS machinery (True), never (False: subjects with SS doses get
+      NaN), or (None, default) unless the doses are concrete arrays without SS doses. The SS
+      path roughly doubles compile time (value and derivatives); its run time is zero without
+      SS doses.
 
     `amounts(p, doses, times, resets)` returns the states at `times`, shape (R, n_states). It is
     traceable, vmappable over subjects and differentiable in forward mode (jacfwd of jacfwd).
@@ -109,6 +114,7 @@ class ODE(AbstractDynamics):
     rtol: float = eqx.field(static=True)
     atol: float = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
+    steady_state: bool | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -120,6 +126,7 @@ class ODE(AbstractDynamics):
         rtol: float = 1e-8,
         atol: float = 1e-10,
         max_steps: int = 4096,
+        steady_state: bool | None = None,
     ):
         self.rhs = rhs
         self.state_names = tuple(states)
@@ -131,6 +138,7 @@ class ODE(AbstractDynamics):
         self.rtol = float(rtol)
         self.atol = float(atol)
         self.max_steps = int(max_steps)
+        self.steady_state = steady_state
 
     @property
     def states(self) -> tuple[str, ...]:
@@ -191,16 +199,17 @@ class ODE(AbstractDynamics):
     def _newton_tol(self, x_new):
         return 1e3 * self.rtol * jnp.abs(x_new) + 1e3 * self.atol
 
-    def _periodic(self, p, x0, t_dose, t_rec, cmt, amt, rate, dur, ii):
-        """Periodic steady state at the record time `t_rec` for doses at `t_dose - k ii`.
+    def _periodic_step(self, p, y, t_dose, t_rec, cmt, amt, rate, dur, ii):
+        """One Newton step for the periodic steady state of doses at `t_dose - k ii`, k >= 1.
 
         The one-period map starts just before the dose of the previous period,
-        $P(y) = \\Phi_{[t_d - ii,\\, t_d]}(y + \\text{bolus})$ with the infusion on for `dur`.
-        Newton on $y = P(y)$; the state at `t_rec` (inside the period, `t_rec <= t_d`) is read
-        from the same solve and corrected to first order with the Newton step.
+        $P(y) = \\Phi_{[t_d - ii,\\, t_d]}(y + \\text{bolus})$ with the infusion on for `dur`;
+        its Jacobian comes from the variational equations of the same solve. Returns the new
+        iterate, the state at `t_rec` (inside the period, `t_rec <= t_d`) corrected to first
+        order with the Newton step, the step, and whether the solve succeeded.
         """
-        n = x0.shape[0]
-        e = jax.nn.one_hot(cmt, n, dtype=x0.dtype)
+        n = y.shape[0]
+        e = jax.nn.one_hot(cmt, n, dtype=y.dtype)
         is_inf = dur > 0
         t0 = t_dose - ii
         bolus = jnp.where(is_inf, 0.0, amt) * e
@@ -208,44 +217,19 @@ class ODE(AbstractDynamics):
         t_off = t0 + jnp.where(is_inf, dur, ii)
         jump = jnp.stack([t0 + jnp.where(is_inf, jnp.minimum(dur, ii), 0.5 * ii)])
         ts = jnp.clip(t_rec, t0, t_dose)[None]
-
-        def body(c):
-            k, y, _, _, bad = c
-            (ys, phis), ok = self._solve(
-                (y + bolus, jnp.eye(n)), t0, t_dose, p, u, t_off, ts, jump, variational=True
-            )
-            # ys[0], phis[0]: state at t_rec and its Jacobian; ys[1], phis[1]: P(y), dP/dy.
-            step = jnp.linalg.solve(jnp.eye(n) - phis[1], ys[1] - y)
-            y_new = y + step
-            x_new = ys[0] + phis[0] @ step
-            conv = jnp.all(jnp.abs(step) <= self._newton_tol(y_new))
-            bad = bad | ~ok | ~jnp.all(jnp.isfinite(x_new))
-            return k + 1, y_new, x_new, conv, bad
-
-        def cond(c):
-            k, _, _, conv, bad = c
-            return (k < 12) & ~conv & ~bad
-
-        _, _, x, conv, bad = lax.while_loop(
-            cond, body, (0, x0, x0, jnp.array(False), jnp.array(False))
+        (ys, phis), ok = self._solve(
+            (y + bolus, jnp.eye(n)), t0, t_dose, p, u, t_off, ts, jump, variational=True
         )
-        return jnp.where(conv & ~bad, x, jnp.nan)
+        # ys[0], phis[0]: state at t_rec and its Jacobian; ys[1], phis[1]: P(y) and dP/dy.
+        step = jnp.linalg.solve(jnp.eye(n) - phis[1], ys[1] - y)
+        return y + step, ys[0] + phis[0] @ step, step, ok
 
-    def _equilibrium(self, p, x0, t, cmt, rate):
-        """Equilibrium under a constant infusion: Newton on $f(t, x) + \\text{rate}\\,e = 0$."""
-        n = x0.shape[0]
-        u = rate * jax.nn.one_hot(cmt, n, dtype=x0.dtype)
-        g = lambda x: self.vector_field(t, x, p) + u
-
-        def body(c):
-            k, x, _ = c
-            step = -jnp.linalg.solve(jax.jacfwd(g)(x), g(x))
-            x_new = x + step
-            conv = jnp.all(jnp.abs(step) <= self._newton_tol(x_new)) | ~jnp.all(jnp.isfinite(x_new))
-            return k + 1, x_new, conv
-
-        _, x, conv = lax.while_loop(lambda c: (c[0] < 30) & ~c[2], body, (0, x0, jnp.array(False)))
-        return jnp.where(conv, x, jnp.nan)
+    def _equilibrium_step(self, p, x, t, cmt, rate):
+        """One Newton step for the equilibrium $f(t, x) + \\text{rate}\\, e_{cmt} = 0$."""
+        u = rate * jax.nn.one_hot(cmt, x.shape[0], dtype=x.dtype)
+        g = lambda y: self.vector_field(t, y, p) + u
+        step = -jnp.linalg.solve(jax.jacfwd(g)(x), g(x))
+        return x + step, step
 
     # -- main ----------------------------------------------------------------------------------
 
@@ -301,7 +285,12 @@ class ODE(AbstractDynamics):
         starts = jnp.concatenate([t_start[None], ev_t[:-1]])
         last = jnp.arange(ev_t.shape[0]) == ev_t.shape[0] - 1
 
-        ss_state = self._steady_states(p, x0, eff, rec_t, ss_on, continuous)
+        if self._use_steady_state(doses):
+            ss_state = self._steady_states(p, x0, eff, rec_t, ss_on, continuous)
+            ss_missing = jnp.array(False)
+        else:
+            ss_state = jnp.broadcast_to(x0, (D, n))
+            ss_missing = jnp.any(ss_on)
 
         def step(carry, ev):
             x, out, failed = carry
@@ -330,40 +319,56 @@ class ODE(AbstractDynamics):
         (_, out, failed), _ = lax.scan(
             step, (x0, out0, jnp.array(False)), (starts, ev_t, ev_kind, ev_dose, last)
         )
-        return jnp.where(failed, jnp.nan, out)
+        return jnp.where(failed | ss_missing, jnp.nan, out)
+
+    def _use_steady_state(self, doses: Doses) -> bool:
+        """Whether to trace the SS machinery (static; see the `steady_state` argument)."""
+        try:
+            has_ss = bool(np.any(np.asarray(doses.mask) & (np.asarray(doses.ss) > 0)))
+        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            return self.steady_state is None or self.steady_state
+        if has_ss and self.steady_state is False:
+            raise ValueError("the doses hold steady-state doses but steady_state=False")
+        return has_ss if self.steady_state is None else self.steady_state
 
     def _steady_states(self, p, x0, eff: Doses, rec_t, ss_on, continuous) -> jax.Array:
         """$x^\\*$ at the SS record time of each SS dose (rows of other doses are x0), (D, n).
 
-        A `while_loop` over the SS doses only: no cost (beyond compilation) without SS.
+        One flat `while_loop` over (SS dose, Newton iteration): no run time without SS doses.
+        Newton starts from x0 and stops when the step is within 1e3 (rtol |x| + atol); a dose
+        whose iteration fails (solve failure, non-finite values, 16 iterations) gives NaN.
         """
         D = rec_t.shape[0]
         n = x0.shape[0]
         order = jnp.argsort(~ss_on, stable=True)
         count = jnp.sum(ss_on)
-        ii = jnp.where(ss_on & ~continuous, eff.ii, 1.0)
+        # Continuous infusions use the equilibrium; their period solve is made zero-length.
+        ii = jnp.where(ss_on & ~continuous, eff.ii, 0.0)
         dur = jnp.where(continuous, 0.0, eff.dur)
+        max_iter = 16
 
         def body(c):
-            j, S = c
+            j, k, y, S = c
             d = order[j]
-            x = lax.cond(
-                continuous[d],
-                lambda: self._equilibrium(p, x0, rec_t[d], eff.cmt[d], eff.rate[d]),
-                lambda: self._periodic(
-                    p,
-                    x0,
-                    eff.time[d],
-                    rec_t[d],
-                    eff.cmt[d],
-                    eff.amt[d],
-                    eff.rate[d],
-                    dur[d],
-                    ii[d],
-                ),
+            y_per, x_per, step_per, ok = self._periodic_step(
+                p, y, eff.time[d], rec_t[d], eff.cmt[d], eff.amt[d], eff.rate[d], dur[d], ii[d]
             )
-            return j + 1, S.at[d].set(x)
+            y_eq, step_eq = self._equilibrium_step(p, y, rec_t[d], eff.cmt[d], eff.rate[d])
+            cont = continuous[d]
+            y_new = jnp.where(cont, y_eq, y_per)
+            x_new = jnp.where(cont, y_eq, x_per)
+            step = jnp.where(cont, step_eq, step_per)
+            ok = (ok | cont) & jnp.all(jnp.isfinite(x_new))
+            conv = jnp.all(jnp.abs(step) <= self._newton_tol(y_new))
+            done = conv | ~ok | (k + 1 >= max_iter)
+            S = S.at[d].set(jnp.where(done, jnp.where(conv & ok, x_new, jnp.nan), S[d]))
+            return (
+                jnp.where(done, j + 1, j),
+                jnp.where(done, 0, k + 1),
+                jnp.where(done, x0, y_new),
+                S,
+            )
 
         S0 = jnp.broadcast_to(x0, (D, n))
-        _, S = lax.while_loop(lambda c: c[0] < count, body, (0, S0))
+        _, _, _, S = lax.while_loop(lambda c: c[0] < count, body, (0, 0, x0, S0))
         return S

@@ -144,9 +144,8 @@ def fit(
     def evaluate(u):
         u = jnp.asarray(u)
         res = engine.modes(u, state["eta"])
-        ok = np.asarray(jnp.all(jnp.isfinite(res.eta), axis=1))
-        if ok.all():
-            state["eta"] = res.eta
+        ok = jnp.all(jnp.isfinite(res.eta), axis=1) & jnp.isfinite(res.f)
+        state["eta"] = jnp.where(ok[:, None], res.eta, state["eta"])
         vals, jac = engine.ofv_and_jac(u, res.eta, res.hess_inv)
         return res, np.asarray(vals), np.asarray(jac)
 
