@@ -73,7 +73,10 @@ class Model:
         return new
 
     def _key(self):
-        return (type(self), *(id(getattr(self, b)) for b in ("theta", "omega", "sigma", "dynamics")))
+        return (
+            type(self),
+            *(id(getattr(self, b)) for b in ("theta", "omega", "sigma", "dynamics")),
+        )
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Model) and self._key() == other._key()

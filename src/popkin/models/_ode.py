@@ -43,6 +43,14 @@ from ._dynamics import AbstractDynamics, effective_doses
 _RESET, _SS1, _SS2, _BOLUS, _BOUNDARY, _NOOP = 0, 1, 2, 3, 4, 9
 
 
+def _solve_decoupled(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Solve `a x = b`, where a state with an all-zero row and column in `a` (a constant state,
+    e.g. a compartment cut off by a zero rate constant) keeps x_i = 0 (the system stays
+    solvable: such a state keeps its initial value in the steady state)."""
+    dead = jnp.all(a == 0, axis=0) & jnp.all(a == 0, axis=1)
+    return jnp.linalg.solve(a + jnp.diag(dead.astype(a.dtype)), jnp.where(dead, 0.0, b))
+
+
 class StateView:
     """Read-only view of a state vector: `s.central`, `s["central"]`, `s.array` (shape (n,))."""
 
@@ -221,14 +229,14 @@ class ODE(AbstractDynamics):
             (y + bolus, jnp.eye(n)), t0, t_dose, p, u, t_off, ts, jump, variational=True
         )
         # ys[0], phis[0]: state at t_rec and its Jacobian; ys[1], phis[1]: P(y) and dP/dy.
-        step = jnp.linalg.solve(jnp.eye(n) - phis[1], ys[1] - y)
+        step = _solve_decoupled(jnp.eye(n) - phis[1], ys[1] - y)
         return y + step, ys[0] + phis[0] @ step, step, ok
 
     def _equilibrium_step(self, p, x, t, cmt, rate):
         """One Newton step for the equilibrium $f(t, x) + \\text{rate}\\, e_{cmt} = 0$."""
         u = rate * jax.nn.one_hot(cmt, x.shape[0], dtype=x.dtype)
         g = lambda y: self.vector_field(t, y, p) + u
-        step = -jnp.linalg.solve(jax.jacfwd(g)(x), g(x))
+        step = -_solve_decoupled(jax.jacfwd(g)(x), g(x))
         return x + step, step
 
     # -- main ----------------------------------------------------------------------------------

@@ -4,3 +4,5 @@ from ._fit import fit as fit
 from ._result import Fit as Fit
 from ._result import FitStatus as FitStatus
 from ._result import load_fit as load_fit
+from ._sequential import fix_from as fix_from
+from ._sequential import with_individual_parameters as with_individual_parameters
