@@ -11,14 +11,16 @@ models (`popkin.models._linear`) exactly:
 - reset (EVID 3/4): $x \leftarrow x_0(p)$ (`init`) at the reset time; doses stop at `end`;
 - steady state at the SS record time $T$ (interval `ii`): $x^\*$ is the periodic steady state
   of the dosing repeated every `ii` (dose at $T + \text{lag} - k\,\text{ii}$, $k \ge 1$), the
-  fixed point of the one-period map found by Newton's method (the Jacobian by `jax.jacfwd`
-  through the solve; exact in one step for linear systems, two evaluations in all). SS=1 sets
+  fixed point $y = P(y)$ of the one-period map, found by Newton's method with $P_y$ from the
+  variational equations of the same solve (exact after one step for linear systems: two
+  period solves per SS dose). Forward-mode derivatives flow through the iterations. SS=1 sets
   $x \leftarrow x^\*$; SS=2 adds $x^\* - x_0(p)$, which is exact superposition when the system
   is linear (affine) and $x_0(p)$ is its undosed equilibrium (zeros for PK, `kin/kout` for
-  turnover); for nonlinear systems it is an approximation. A continuous SS infusion
-  (`dur = inf`) uses the equilibrium $f(T, x) + \text{rate}\, e_{\text{cmt}} = 0$ instead and
-  keeps infusing until `end`. Steady state needs `ii >= lag + dur` and a system with a
-  unique stable periodic state (no pure accumulator such as an AUC state).
+  turnover); for nonlinear systems it is an approximation (the regimen's steady state from
+  `init`, added to the current state). A continuous SS infusion (`dur = inf`) uses the
+  equilibrium $f(T, x) + \text{rate}\, e_{\text{cmt}} = 0$ instead and keeps infusing until
+  `end`. Steady state needs `ii >= lag + dur` and a unique stable periodic state: a state cut
+  off from the dynamics keeps its `init` value, a pure accumulator (an AUC state) gives NaN.
 
 Events are sorted inside the trace (lag makes their times parameter dependent) and visited with
 `lax.scan`: one `diffeqsolve` per event interval, saving at the record times that fall in it.
@@ -43,11 +45,16 @@ from ._dynamics import AbstractDynamics, effective_doses
 _RESET, _SS1, _SS2, _BOLUS, _BOUNDARY, _NOOP = 0, 1, 2, 3, 4, 9
 
 
+def _dead(a: jax.Array) -> jax.Array:
+    """States whose row and column of `a` are all zero, shape (n,)."""
+    return jnp.all(a == 0, axis=0) & jnp.all(a == 0, axis=1)
+
+
 def _solve_decoupled(a: jax.Array, b: jax.Array) -> jax.Array:
     """Solve `a x = b`, where a state with an all-zero row and column in `a` (a constant state,
     e.g. a compartment cut off by a zero rate constant) keeps x_i = 0 (the system stays
     solvable: such a state keeps its initial value in the steady state)."""
-    dead = jnp.all(a == 0, axis=0) & jnp.all(a == 0, axis=1)
+    dead = _dead(a)
     return jnp.linalg.solve(a + jnp.diag(dead.astype(a.dtype)), jnp.where(dead, 0.0, b))
 
 
@@ -345,6 +352,8 @@ class ODE(AbstractDynamics):
         One flat `while_loop` over (SS dose, Newton iteration): no run time without SS doses.
         Newton starts from x0 and stops when the step is within 1e3 (rtol |x| + atol); a dose
         whose iteration fails (solve failure, non-finite values, 16 iterations) gives NaN.
+        Derivatives flow through the iterations (forward mode); Newton's derivatives converge
+        with its iterates (exact after the first step for linear systems).
         """
         D = rec_t.shape[0]
         n = x0.shape[0]

@@ -9,11 +9,11 @@ covariance step differentiates the exact gradient by central differences (R matr
 
 from __future__ import annotations
 
-import functools
 import time
 import warnings
 from collections.abc import Callable
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +33,7 @@ def _prior(params: ModelParams, fixed_prior):
     return fixed_prior if fixed_prior is not None else Gaussian(params.omega)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@eqx.filter_jit
 def _modes(problem: SubjectProblem, estimate_omega: bool, u, eta0, subjects, fixed_prior):
     """Modes of all subjects (vmapped) at the unconstrained parameters `u`."""
     params = _unpack(problem, estimate_omega, u)
@@ -53,7 +53,7 @@ def _ofv_vec(problem, estimate_omega, u, eta, Hinv, subjects, fixed_prior):
     return jax.vmap(lambda e, h, s: problem.ofv(params, prior, e, h, s))(eta, Hinv, subjects)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@eqx.filter_jit
 def _ofv_and_jac(problem, estimate_omega, u, eta, Hinv, subjects, fixed_prior):
     """Per-subject OFV and its exact Jacobian with respect to `u` (forward mode)."""
     f = lambda uu: _ofv_vec(problem, estimate_omega, uu, eta, Hinv, subjects, fixed_prior)

@@ -83,6 +83,13 @@ class SubjectProblem:
 
     def grad_and_gn(self, params, prior, eta, subj, ls0=None):
         """Gradient of `f` and its Gauss-Newton curvature (PSD for the data part)."""
+        g, H = self.data_grad_and_gn(params, eta, subj, ls0)
+        gp = jax.grad(prior.log_prob)(eta)
+        Hp = jax.hessian(prior.log_prob)(eta)
+        return g - gp, H - Hp
+
+    def data_grad_and_gn(self, params, eta, subj, ls0=None):
+        """Gradient and Gauss-Newton curvature of the data part of `f` (no prior)."""
 
         def outs(e):
             loc, ls, y = self.loc_logscale(params, e, subj)
@@ -113,9 +120,7 @@ class SubjectProblem:
         wl = wl + jnp.where(cen, d2c_dz2 / scale**2, 0.0)
         g = Jl.T @ gl + Js.T @ gs
         H = (Jl * wl[:, None]).T @ Jl + (Js * ws[:, None]).T @ Js
-        gp = jax.grad(prior.log_prob)(eta)
-        Hp = jax.hessian(prior.log_prob)(eta)
-        return g - gp, H - Hp
+        return g, H
 
     def exact_hessian(self, params, prior, eta, subj, ls0=None):
         fe = lambda e: self.f(params, prior, e, subj, ls0)

@@ -1,0 +1,285 @@
+r"""`popkin.join`: a joint prior over the random effects of independently fitted models.
+
+Supervision is the per-subject Laplace posteriors the fits already hold,
+$p(\eta_{k,i} \mid y_{k,i}) \approx N(\hat\eta_{k,i}, \Sigma_{k,i})$. The target is the
+expected posterior (seed 000), $\bar p(\eta) = \frac1N \sum_i \prod_k p(\eta_{k,i}\mid y_{k,i})$,
+approximated by pooling `n_samples` draws from each subject's product of posteriors; the joint
+prior (Gaussian moments or a flow) is fitted to that pool. `target="modes"` fits the EBEs alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from ..data._population import Population
+from ..nlme._inner import find_mode
+from ..nlme._objective import LOG_2PI, SubjectProblem
+from ..nlme._result import Fit
+from ..priors import Gaussian, Independent
+from ..simulate import predictor_for
+from ._priors import fit_flow, fit_gaussian
+from ._problem import JointProblem
+
+
+def _align(fits: list[Fit]):
+    """Subject IDs present in every fit, and each fit's row index for them."""
+    common = [i for i in fits[0].population.ids if all(i in f.population.ids for f in fits[1:])]
+    if not common:
+        raise ValueError("the fits share no subject IDs; joining needs the same subjects")
+    idx = [np.array([f.population.ids.index(i) for i in common]) for f in fits]
+    return common, idx
+
+
+def posterior_samples(fits: list[Fit], n_samples: int, *, key, target: str = "posterior"):
+    """Pooled draws from each common subject's product of per-fit Laplace posteriors.
+
+    Returns `(samples (N * n_samples, d), modes (N, d), covs (N, d, d))`; with
+    `target="modes"` the samples are the modes themselves.
+    """
+    _, idx = _align(fits)
+    modes = np.concatenate([f.eta[i] for f, i in zip(fits, idx, strict=True)], axis=1)
+    covs = [f.eta_cov[i] for f, i in zip(fits, idx, strict=True)]
+    cov = np.stack([jax.scipy.linalg.block_diag(*c) for c in zip(*covs, strict=True)])
+    if target == "modes":
+        return jnp.asarray(modes), modes, cov
+    if target != "posterior":
+        raise ValueError(f"target must be 'posterior' or 'modes', got {target!r}")
+    L = np.linalg.cholesky(cov)
+    z = jax.random.normal(key, (modes.shape[0], n_samples, modes.shape[1]))
+    draws = modes[:, None, :] + jnp.einsum("nij,nsj->nsi", L, z)
+    return draws.reshape(-1, modes.shape[1]), modes, cov
+
+
+def independent_prior(fits: list[Fit]) -> Independent:
+    """The product of each fit's own prior (assumption A4: no cross-endpoint coupling)."""
+    parts = [f.prior if f.prior is not None else Gaussian(f.params.omega) for f in fits]
+    return Independent(parts, [len(f.model.eta_names) for f in fits])
+
+
+@dataclass
+class JointModel:
+    """Independently fitted endpoint models coupled through a joint prior over their random
+    effects. `prior` has `log_prob` / `sample` over the concatenated etas (`eta_names`)."""
+
+    fits: list[Fit]
+    prior: object
+    kind: str
+    losses: dict = field(default_factory=dict)
+
+    @property
+    def eta_names(self) -> tuple[str, ...]:
+        return tuple(f"{k}:{n}" for k, f in enumerate(self.fits) for n in f.model.eta_names)
+
+    @property
+    def independent(self) -> Independent:
+        return independent_prior(self.fits)
+
+    def _problem(self, populations):
+        pops = _as_populations(self.fits, populations)
+        problems = tuple(
+            SubjectProblem(predictor_for(f.model, p), "laplace")
+            for f, p in zip(self.fits, pops, strict=True)
+        )
+        return JointProblem(problems), pops
+
+    def log_likelihood(self, populations, prior=None, *, n_is: int = 1000, key=None,
+                       df: float = 5.0) -> pd.DataFrame:  # fmt: skip
+        """Per subject, the marginal log-likelihood of all its endpoints' data under `prior`
+        (default: this joint prior), by Laplace and by importance sampling (`n_is` draws from a
+        Student-t with `df` degrees of freedom around the mode with the Laplace covariance).
+
+        `populations`: one per fit (same subject IDs, same order), e.g. held-out test data.
+        Returns columns ID, ll_laplace, ll_is, ess, converged. Log-likelihoods are full
+        (including the N log 2 pi constant).
+        """
+        prior = self.prior if prior is None else prior
+        key = jax.random.key(0) if key is None else key
+        problem, pops = self._problem(populations)
+        params = tuple(f.params for f in self.fits)
+        subj = tuple(p.subjects for p in pops)
+        out = _evaluate(problem, params, prior, subj, key, n_is, df)
+        ll_lap, ll_is, ess, conv = (np.asarray(a) for a in out)
+        return pd.DataFrame(
+            {"ID": list(pops[0].ids), "ll_laplace": ll_lap, "ll_is": ll_is, "ess": ess,
+             "converged": conv}  # fmt: skip
+        )
+
+    def posterior(self, populations, prior=None):
+        """Per subject, the mode and Laplace covariance of the joint posterior under `prior`."""
+        prior = self.prior if prior is None else prior
+        problem, pops = self._problem(populations)
+        params = tuple(f.params for f in self.fits)
+        subj = tuple(p.subjects for p in pops)
+        res = _modes(problem, params, prior, subj)
+        return np.asarray(res.eta), np.asarray(res.hess_inv), pops
+
+    def predict(self, populations, prior=None, *, n_samples: int = 500, key=None,
+                level: float = 0.9) -> list[pd.DataFrame]:  # fmt: skip
+        """Conditional predictions of every endpoint at every record (observed or not).
+
+        The posterior under `prior` given the observed records (MDV=0) is approximated by
+        Laplace; `n_samples` draws of eta give each record's prediction median and central
+        `level` interval, and the prediction at the mode (`PRED_MODE`). Add EVID 2 / MDV 1 rows
+        to predict at new times. Returns one table per fit.
+        """
+        key = jax.random.key(0) if key is None else key
+        modes, covs, pops = self.posterior(populations, prior)
+        covs = 0.5 * (covs + np.swapaxes(covs, 1, 2))
+        w, V = np.linalg.eigh(covs)
+        L = V * np.sqrt(np.clip(w, 0, None))[:, None, :]
+        z = jax.random.normal(key, (modes.shape[0], n_samples, modes.shape[1]))
+        draws = modes[:, None, :] + jnp.einsum("nij,nsj->nsi", L, z)
+        a = (1 - level) / 2
+        tables = []
+        i0 = 0
+        for f, pop in zip(self.fits, pops, strict=True):
+            n = len(f.model.eta_names)
+            pred = predictor_for(f.model, pop)
+
+            def one(e, s, pred=pred, f=f):
+                return pred.distributions(f.params.theta, f.params.sigma, e, s)[3]
+
+            sims = jax.jit(jax.vmap(jax.vmap(one, in_axes=(0, None))))(
+                draws[:, :, i0 : i0 + n], pop.subjects
+            )
+            at_mode = jax.jit(jax.vmap(one))(jnp.asarray(modes[:, i0 : i0 + n]), pop.subjects)
+            sims = np.asarray(sims)
+            rec = pop.subjects.records
+            mask = np.asarray(rec.rec)
+            rows = np.asarray(rec.row)[mask]
+            tab = pop.table.iloc[rows].reset_index(drop=True)
+            tables.append(
+                pd.DataFrame(
+                    {
+                        "ID": tab["ID"].to_numpy(),
+                        "TIME": tab["TIME"].to_numpy(),
+                        "DV": tab["DV"].to_numpy(),
+                        "MDV": tab["MDV"].to_numpy(),
+                        "PRED_MODE": np.asarray(at_mode)[mask],
+                        "MEDIAN": np.median(sims, axis=1)[mask],
+                        "LOWER": np.quantile(sims, a, axis=1)[mask],
+                        "UPPER": np.quantile(sims, 1 - a, axis=1)[mask],
+                    }
+                )
+            )
+            i0 += n
+        return tables
+
+
+def _as_populations(fits, populations) -> list[Population]:
+    from ..data._reader import read_nonmem
+
+    if populations is None:
+        populations = [f.population for f in fits]
+    pops = [p if isinstance(p, Population) else read_nonmem(p) for p in populations]
+    if len(pops) != len(fits):
+        raise ValueError(f"need one population per fit ({len(fits)}), got {len(pops)}")
+    ids = pops[0].ids
+    for k, p in enumerate(pops[1:], start=1):
+        if p.ids != ids:
+            raise ValueError(
+                f"population {k} has different subject IDs (or order) than population 0; "
+                "give the endpoints' data for the same subjects in the same order"
+            )
+    return pops
+
+
+def _modes(problem, params, prior, subj):
+    n = sum(problem.sizes)
+    S = subj[0].records.time.shape[0]
+    return _modes_static(problem, params, prior, subj, jnp.zeros((S, n)))
+
+
+@eqx.filter_jit
+def _modes_static(problem, params, prior, subj, eta0):
+    return jax.vmap(lambda e, s: find_mode(problem, params, prior, e, s), in_axes=(0, 0))(eta0, subj)
+
+
+@eqx.filter_jit
+def _evaluate_static(problem, params, prior, subj, key, n_is, df):
+    n = sum(problem.sizes)
+    S = subj[0].records.time.shape[0]
+    res = jax.vmap(lambda e, s: find_mode(problem, params, prior, e, s))(jnp.zeros((S, n)), subj)
+    keys = jax.random.split(key, S)
+
+    def one(mode, H, s, k):
+        nobs = problem.n_obs(s)
+        const = -0.5 * nobs * LOG_2PI
+        fe = lambda e: problem.f(params, prior, e, s)
+        Hs = 0.5 * (H + H.T)
+        w, V = jnp.linalg.eigh(Hs)
+        pd_ok = jnp.all(w > 0)
+        logdet = jnp.sum(jnp.log(jnp.where(w > 0, w, 1.0)))
+        ll_lap = -fe(mode) + 0.5 * n * LOG_2PI - 0.5 * logdet + const
+        ll_lap = jnp.where(pd_ok, ll_lap, jnp.nan)
+        # Proposal: multivariate t(df) with scale = Laplace covariance (eigenvalues floored).
+        wf = jnp.maximum(w, 1e-8 * jnp.max(jnp.abs(w)))
+        Lc = V / jnp.sqrt(wf)[None, :]
+        kz, kg = jax.random.split(k)
+        z = jax.random.normal(kz, (n_is, n))
+        g = jax.random.gamma(kg, df / 2, (n_is,)) / (df / 2)
+        u = z / jnp.sqrt(g)[:, None]
+        eta = mode + u @ Lc.T
+        logdet_scale = -0.5 * jnp.sum(jnp.log(wf))
+        q = (
+            jax.scipy.special.gammaln((df + n) / 2)
+            - jax.scipy.special.gammaln(df / 2)
+            - 0.5 * n * jnp.log(df * jnp.pi)
+            - logdet_scale
+            - 0.5 * (df + n) * jnp.log1p(jnp.sum(u**2, axis=1) / df)
+        )
+        logw = -jax.vmap(fe)(eta) + const - q
+        logw = jnp.where(jnp.isfinite(logw), logw, -jnp.inf)
+        ll_is = jax.scipy.special.logsumexp(logw) - jnp.log(n_is)
+        wn = jnp.exp(logw - jnp.max(logw))
+        ess = jnp.sum(wn) ** 2 / jnp.sum(wn**2)
+        return ll_lap, ll_is, ess
+
+    ll_lap, ll_is, ess = jax.vmap(one)(res.eta, res.hessian, subj, keys)
+    return ll_lap, ll_is, ess, res.converged
+
+
+def _evaluate(problem, params, prior, subj, key, n_is, df):
+    return _evaluate_static(problem, params, prior, subj, key, int(n_is), float(df))
+
+
+def join(
+    fits: list[Fit],
+    prior="gaussian",
+    *,
+    key=None,
+    n_samples: int = 50,
+    target: str = "posterior",
+    **flow_options,
+) -> JointModel:
+    """Couple independently fitted endpoint models through a joint prior over their etas.
+
+    **Arguments:**
+    - `fits`: `Fit`s of the endpoint models on the same subjects (matched by ID).
+    - `prior`: "gaussian" (moments of the pooled posterior draws), "flow" (a flowjax coupling
+      flow; options such as `flow_layers`, `nn_width`, `transformer="spline"` pass through), or
+      any prior object with `log_prob`/`sample` to plug in as is.
+    - `n_samples`: draws per subject from its product of Laplace posteriors.
+    - `target`: "posterior" (expected posterior, default) or "modes" (EBEs only).
+
+    **Returns:** a `JointModel`; its structural models and fixed effects are the fits', untouched.
+    """
+    if len(fits) < 1:
+        raise ValueError("join needs at least one fit")
+    key = jax.random.key(0) if key is None else key
+    k_s, k_f = jax.random.split(key)
+    if not isinstance(prior, str):
+        return JointModel(list(fits), prior, "custom")
+    samples, _, _ = posterior_samples(fits, n_samples, key=k_s, target=target)
+    if prior == "gaussian":
+        return JointModel(list(fits), fit_gaussian(samples), "gaussian")
+    if prior == "flow":
+        dist, losses = fit_flow(samples, key=k_f, **flow_options)
+        return JointModel(list(fits), dist, "flow", losses)
+    raise ValueError(f"prior must be 'gaussian', 'flow' or a prior object, got {prior!r}")
