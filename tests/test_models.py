@@ -191,3 +191,22 @@ def test_simulated_eta_follow_omega():
     # 3600 draws: sample variance within ~5 standard errors of the truth.
     np.testing.assert_allclose(etas.var(axis=0), np.diag(model.omega.matrix_init()), rtol=0.12)
     assert sim["ID"].nunique() == 3600 and sim["REP"].max() == 300
+
+
+def test_sample_before_a_dose_at_the_same_time_does_not_see_it():
+    """NONMEM row order: a trough sampled on the row before a dose at the same time is pre-dose;
+    an ADDL dose at a sample's time comes after the sample."""
+    rows = [
+        (1, 0.0, 0.0, 0.0, 0, 0, 0),  # baseline sample before the dose at t=0
+        (1, 0.0, np.nan, 100.0, 1, 2, 12.0),  # dose at 0, then at 12 and 24 (ADDL)
+        (1, 0.0, 0.0, 0.0, 0, 0, 0),  # sample after the dose row at t=0
+        (1, 12.0, 0.0, 0.0, 0, 0, 0),  # trough at the time of the first ADDL dose
+    ]
+    df = pd.DataFrame(rows, columns=["ID", "TIME", "DV", "AMT", "EVID", "ADDL", "II"])
+    sim = popkin.simulate(popkin.models.library.OneCmtIVProp(), popkin.read_nonmem(df),
+                          key=jax.random.key(0))  # fmt: skip
+    ipred = sim.loc[sim.EVID == 0, "PRED"].to_numpy()
+    v = np.exp(2.0)
+    assert ipred[0] == 0.0
+    assert ipred[1] == pytest.approx(100.0 / v)
+    assert ipred[2] == pytest.approx(100.0 / v * np.exp(-12.0 * 1.0 / v))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +12,29 @@ from .data._population import Population
 from .models._model import Model, Predictor, endpoint_map
 from .params import ModelParams, default_params
 from .priors import Gaussian
+
+
+def _one_replicate(pred: Predictor, params: ModelParams, prior, subjects, n_eta: int, key):
+    """One replicate: etas from `prior`, residuals from the error models (all subjects)."""
+    n = subjects.records.time.shape[0]
+    k_eta, k_eps = jax.random.split(key)
+    eta = prior.sample(k_eta, (n,)) if n_eta else jnp.zeros((n, 0))
+
+    def subj(e, s, kk):
+        loc, scale, _, ipred = pred.distributions(params.theta, params.sigma, e, s)
+        _, _, _, p0 = pred.distributions(params.theta, params.sigma, jnp.zeros_like(e), s)
+        z = loc + scale * jax.random.normal(kk, loc.shape)
+        logf = pred.transforms(params.theta, params.sigma, s)
+        return jnp.where(logf, jnp.exp(z), z), p0, ipred
+
+    y, p0, ipred = jax.vmap(subj)(eta, subjects, jax.random.split(k_eps, n))
+    return eta, y, p0, ipred
+
+
+@eqx.filter_jit
+def _simulate_reps(pred, params, prior, subjects, n_eta: int, keys):
+    """All replicates at once: `_one_replicate` vmapped over `keys`."""
+    return jax.vmap(lambda k: _one_replicate(pred, params, prior, subjects, n_eta, k))(keys)
 
 
 def predictor_for(model: Model, population: Population) -> Predictor:
@@ -43,46 +67,34 @@ def simulate(
     n = population.n_subjects
     n_eta = len(model.eta_names)
 
-    @jax.jit
-    def one_rep(k):
-        k_eta, k_eps = jax.random.split(k)
-        eta = prior.sample(k_eta, (n,)) if n_eta else jnp.zeros((n, 0))
-
-        def subj(e, s, kk):
-            loc, scale, _, ipred = pred.distributions(params.theta, params.sigma, e, s)
-            _, _, _, p0 = pred.distributions(params.theta, params.sigma, jnp.zeros_like(e), s)
-            z = loc + scale * jax.random.normal(kk, loc.shape)
-            logf = pred.transforms(params.theta, params.sigma, s)
-            return jnp.where(logf, jnp.exp(z), z), p0, ipred
-
-        y, p0, ipred = jax.vmap(subj)(eta, subjects, jax.random.split(k_eps, n))
-        return eta, y, p0, ipred
-
+    keys = jax.random.split(key, n_replicates)
+    eta, y, p0, ipred = (
+        np.asarray(a) for a in _simulate_reps(pred, params, prior, subjects, n_eta, keys)
+    )  # (n_rep, S, ...) each
     base = population.table
     rows = np.asarray(subjects.records.row)
     mask = np.asarray(subjects.records.rec)
-    evid = base["EVID"].to_numpy() if "EVID" in base else np.zeros(len(base))
-    frames = []
-    for r, k in enumerate(jax.random.split(key, n_replicates)):
-        eta, y, p0, ipred = (np.asarray(a) for a in one_rep(k))
-        out = base.copy()
-        dv = out["DV"].to_numpy(dtype=float, na_value=np.nan).copy()
-        pcol = np.full(len(out), np.nan)
-        icol = np.full(len(out), np.nan)
-        sel = rows[mask]
-        dv_new = y[mask]
-        is_obs = evid[sel] == 0
-        dv[sel[is_obs]] = dv_new[is_obs]
-        pcol[sel] = p0[mask]
-        icol[sel] = ipred[mask]
-        out["DV"] = dv
-        out["PRED"] = pcol
-        out["IPRED"] = icol
-        id_pos = out["ID"].map({v: i for i, v in enumerate(population.ids)}).to_numpy()
-        for j, name in enumerate(model.eta_names):
-            out[f"ETA_{name}"] = eta[id_pos, j]
-        if n_replicates > 1:
-            out["REP"] = r + 1
-            out["ID"] = id_pos + 1 + r * n
-        frames.append(out)
-    return pd.concat(frames, ignore_index=True)
+    sel = rows[mask]  # table rows of the records, in (subject, record) order
+    evid = base["EVID"].to_numpy()
+    is_obs = evid[sel] == 0
+    dv0 = base["DV"].to_numpy(dtype=float, na_value=np.nan)
+    T = len(base)
+    dv = np.tile(dv0, (n_replicates, 1))
+    dv[:, sel[is_obs]] = y[:, mask][:, is_obs]
+    pcol = np.full((n_replicates, T), np.nan)
+    icol = np.full((n_replicates, T), np.nan)
+    pcol[:, sel] = p0[:, mask]
+    icol[:, sel] = ipred[:, mask]
+    id_pos = base["ID"].map({v: i for i, v in enumerate(population.ids)}).to_numpy()
+    out = pd.DataFrame(np.tile(base.to_numpy(), (n_replicates, 1)), columns=base.columns)
+    out = out.astype(base.dtypes.to_dict())
+    out["DV"] = dv.reshape(-1)
+    out["PRED"] = pcol.reshape(-1)
+    out["IPRED"] = icol.reshape(-1)
+    for j, name in enumerate(model.eta_names):
+        out[f"ETA_{name}"] = eta[:, id_pos, j].reshape(-1)
+    if n_replicates > 1:
+        rep = np.repeat(np.arange(n_replicates), T)
+        out["REP"] = rep + 1
+        out["ID"] = np.tile(id_pos, n_replicates) + 1 + rep * n
+    return out

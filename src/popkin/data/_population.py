@@ -34,6 +34,10 @@ class Doses(eqx.Module):
     - `end`: time of the first reset (EVID 3/4) after this dose; +inf if none. The dose
       contributes only for `time <= t < end`.
     - `mask`: True for a real dose, False for padding.
+    - `row`: 0-based table row of the dose record, for ordering against records at the same
+      time (NONMEM evaluates in row order: a sample on a row before a dose at the same time does
+      not see it). ADDL copies get `ROW_AFTER` (a sample at their time is a pre-dose trough).
+      None: every dose acts from its time on, including on records at that time.
     """
 
     time: Float[Array, "... D"]
@@ -45,6 +49,11 @@ class Doses(eqx.Module):
     ii: Float[Array, "... D"]
     end: Float[Array, "... D"]
     mask: Bool[Array, "... D"]
+    row: Int[Array, "... D"] | None = None
+
+
+#: `Doses.row` of implied (ADDL) doses: after every record at the same time.
+ROW_AFTER = 2**30
 
 
 class Records(eqx.Module):

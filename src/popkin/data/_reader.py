@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from popkin.data._errors import DataError, Problem
-from popkin.data._population import Doses, Population, PopulationInfo, Records, Subjects
+from popkin.data._population import ROW_AFTER, Doses, Population, PopulationInfo, Records, Subjects
 
 __all__ = ["read_nonmem", "RESERVED_COLUMNS", "OUTPUT_COLUMNS", "is_output_column"]
 
@@ -598,6 +598,7 @@ def read_nonmem(
                         int(ss[i]) if is_ss else 0,
                         ii[i] if is_ss else 0.0,
                         end[i],
+                        i if k == 0 else ROW_AFTER,
                     )
                 )
         subj_records.append(recs)
@@ -629,6 +630,7 @@ def read_nonmem(
     d_ii = np.zeros((S, D))
     d_end = np.zeros((S, D))
     d_mask = np.zeros((S, D), dtype=bool)
+    d_row = np.full((S, D), ROW_AFTER, dtype=np.int32)
     resets_arr = np.full((S, K), np.inf)
 
     for k, (s, e) in enumerate(runs):
@@ -661,6 +663,7 @@ def read_nonmem(
             d_ii[k, :q] = arr[:, 6]
             d_end[k, :q] = arr[:, 7]
             d_mask[k, :q] = True
+            d_row[k, :q] = arr[:, 8].astype(np.int32)
         rs = subj_resets[k]
         resets_arr[k, : len(rs)] = rs
 
@@ -675,6 +678,7 @@ def read_nonmem(
             ii=jnp.asarray(d_ii),
             end=jnp.asarray(d_end),
             mask=jnp.asarray(d_mask),
+            row=jnp.asarray(d_row),
         ),
         records=Records(
             time=jnp.asarray(r_time),

@@ -52,7 +52,13 @@ class AbstractDynamics(eqx.Module):
     @abc.abstractmethod
     def amounts(self, p: dict, doses: Doses, times: jax.Array, resets: jax.Array) -> jax.Array: ...
 
-    def solve(self, p: dict, doses: Doses, times: jax.Array, resets: jax.Array) -> Solution:
+    def solve(
+        self, p: dict, doses: Doses, times: jax.Array, resets: jax.Array, rows=None
+    ) -> Solution:
+        """State amounts at `times`. `rows` (the records' table rows) orders records against
+        doses at the same time, as NONMEM does; dynamics that accept a `rows` keyword use it."""
+        if rows is not None and getattr(self, "orders_by_row", False):
+            return Solution(self.states, self.amounts(p, doses, times, resets, rows=rows), times)
         return Solution(self.states, self.amounts(p, doses, times, resets), times)
 
 
@@ -83,4 +89,5 @@ def effective_doses(p: dict, doses: Doses, dose_compartment: int) -> Doses:
         ii=doses.ii,
         end=end,
         mask=doses.mask,
+        row=doses.row,
     )

@@ -17,6 +17,8 @@ Steady state assumes `II >= lag + infusion duration`.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import equinox as eqx
 import jax.numpy as jnp
 
@@ -82,14 +84,20 @@ class LinearPK(AbstractDynamics):
     def exponentials(self, p: dict):
         return _exponentials(p, self.n_peripheral, self.oral)
 
-    def amounts(self, p: dict, doses: Doses, times, resets=None):
+    orders_by_row: ClassVar[bool] = True
+
+    def amounts(self, p: dict, doses: Doses, times, resets=None, rows=None):
         mu, coef = self.exponentials(p)
         eff = effective_doses(p, doses, self.dose_compartment)
         # SS windows start at the dose record time; `effective_doses` shifted `time` by lag.
-        return superpose(mu, coef, eff, doses.time, times)
+        return superpose(mu, coef, eff, doses.time, times, rows)
 
 
-def superpose(mu, coef, eff: Doses, record_time, times):
+def superpose(mu, coef, eff: Doses, record_time, times, rows=None):
+    """State amounts `(R, n_states)` at `times` by superposition of every dose's response.
+
+    A dose acts on a record at its own time only if it comes first in row order (when both
+    `rows` and `eff.row` are known)."""
     t = times[:, None]
     delta = t - eff.time[None, :]
     m = mu[None, None, :]
@@ -117,7 +125,11 @@ def superpose(mu, coef, eff: Doses, record_time, times):
     single = jnp.where(continuous[None, :, None], 0.0, single)
     weight = single + jnp.where(ssd[None, :, None], past, 0.0)
     start = jnp.where(ssd, record_time, eff.time)
-    active = eff.mask[None, :] & (t >= start[None, :]) & (t < eff.end[None, :])
+    after = t > start[None, :]
+    same = t == start[None, :]
+    if rows is not None and eff.row is not None:
+        same = same & (eff.row[None, :] < rows[:, None])
+    active = eff.mask[None, :] & (after | same) & (t < eff.end[None, :])
     weight = jnp.where(active[:, :, None], weight, 0.0)
     C = coef[eff.cmt]
     return jnp.einsum("rdk,dks->rs", weight, C)

@@ -193,7 +193,9 @@ class Predictor:
         rec = subject.records
         sol = None
         if self.model.dynamics is not None:
-            sol = self.model.dynamics.solve(p, subject.doses, rec.time, subject.resets)
+            sol = self.model.dynamics.solve(
+                p, subject.doses, rec.time, subject.resets, rows=rec.row
+            )
         dists = list(self.model.observe(p, sol, Namespace(sigma)).values())
         idx = self.emap[rec.endpoint]
         R = rec.time.shape[0]
@@ -214,7 +216,10 @@ class Predictor:
         p = self.individual(theta, eta, subject)
         sol = None
         if self.model.dynamics is not None:
-            sol = self.model.dynamics.solve(p, subject.doses, subject.records.time, subject.resets)
+            rec = subject.records
+            sol = self.model.dynamics.solve(
+                p, subject.doses, rec.time, subject.resets, rows=rec.row
+            )
         dists = list(self.model.observe(p, sol, Namespace(sigma)).values())
         flags = jnp.asarray([bool(d.log_transform) for d in dists])
         return flags[self.emap[subject.records.endpoint]]
