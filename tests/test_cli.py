@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from popkin.cli import app
@@ -69,3 +70,12 @@ def test_unknown_model_is_reported(tmp_path):
     datasets.theophylline_table().to_csv(data, index=False)
     res = runner.invoke(app, ["fit", "no-such-model", str(data)])
     assert res.exit_code == 2 and "neither a built-in model" in res.output
+
+
+@pytest.mark.slow
+def test_demo_writes_its_outputs(tmp_path):
+    res = runner.invoke(app, ["demo", "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    for name in ["gof.png", "individual_fits.png", "observed_vs_simulated.png",
+                 "joined_prior_pairs.png", "parameters.md", "theophylline_fit.json", "join.md"]:  # fmt: skip
+        assert (tmp_path / name).stat().st_size > 0, name

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from .models._dynamics import AbstractDynamics
+from .models._dynamics import RecordTimes
 from .models._error import additive, combined, proportional
 from .models._linear import TwoCmtOral
 from .models._model import Model
@@ -30,17 +30,6 @@ def wang_data() -> pd.DataFrame:
     """Wang (2007) data: 10 subjects, observations at t = 0 and 1."""
     rows = [list(map(float, r.split(","))) for r in _WANG.split("/")]
     return pd.DataFrame(rows, columns=["ID", "TIME", "DV"])
-
-
-class RecordTimes(AbstractDynamics):
-    """Dynamics whose only 'state' is the record time (for models written in time)."""
-
-    @property
-    def states(self) -> tuple[str, ...]:
-        return ("t",)
-
-    def amounts(self, p, doses, times, resets):
-        return times[:, None]
 
 
 class WangAdditive(Model):

@@ -164,3 +164,45 @@ def profiles_band(
     a.legend()
     fig.tight_layout()
     return _save(fig, path)
+
+
+def joint_pairs(joint, path=None, *, n_samples: int = 3000, key=None, title: str = ""):
+    """Pair plot of the random effects: EBEs (points) over samples of the joined prior
+    (density shading) and of the independent prior (contour), one panel per pair."""
+    import jax
+
+    plt = _plt()
+    key = jax.random.key(0) if key is None else key
+    k1, k2 = jax.random.split(key)
+    from ..join._joint import posterior_samples
+
+    _, modes, _ = posterior_samples(joint.fits, 1, key=k1, target="modes")
+    xs = np.asarray(joint.prior.sample(k1, (n_samples,)))
+    xi = np.asarray(joint.independent.sample(k2, (n_samples,)))
+    names = joint.eta_names
+    d = len(names)
+    fig, axes = plt.subplots(d, d, figsize=(2.6 * d + 1, 2.6 * d + 0.5), squeeze=False)
+    for r in range(d):
+        for c in range(d):
+            a = axes[r, c]
+            if r == c:
+                a.hist(xs[:, r], bins=40, density=True, alpha=0.5, color="C1", label="joined prior")
+                a.hist(modes[:, r], bins=20, density=True, alpha=0.5, color="C0", label="EBEs")
+            elif r > c:
+                a.hist2d(xs[:, c], xs[:, r], bins=40, cmap="Oranges")
+                a.scatter(modes[:, c], modes[:, r], s=6, color="C0", label="EBEs")
+            else:
+                a.scatter(xi[:600, c], xi[:600, r], s=3, color="grey", alpha=0.4,
+                          label="independent prior")  # fmt: skip
+                a.scatter(modes[:, c], modes[:, r], s=6, color="C0", label="EBEs")
+            if r == d - 1:
+                a.set_xlabel(names[c])
+            if c == 0:
+                a.set_ylabel(names[r])
+    axes[0, 0].legend(fontsize=7)
+    if d > 1:
+        axes[0, 1].legend(fontsize=7)
+        axes[1, 0].set_title("joined prior (shading) + EBEs", fontsize=8)
+    fig.suptitle(title or f"{joint.kind} joint prior over {d} random effects")
+    fig.tight_layout()
+    return _save(fig, path)

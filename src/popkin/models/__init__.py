@@ -1,6 +1,7 @@
 """Structural, error and parameter building blocks of popkin models."""
 
 from ._dynamics import AbstractDynamics as AbstractDynamics
+from ._dynamics import RecordTimes as RecordTimes
 from ._dynamics import Solution as Solution
 from ._error import LogNormal as LogNormal
 from ._error import Normal as Normal

@@ -91,3 +91,15 @@ def effective_doses(p: dict, doses: Doses, dose_compartment: int) -> Doses:
         mask=doses.mask,
         row=doses.row,
     )
+
+
+class RecordTimes(AbstractDynamics):
+    """No compartments: the only 'state' is the record time (`sol.t`), for models written
+    directly as functions of time (disease progression, Emax in time, test problems)."""
+
+    @property
+    def states(self) -> tuple[str, ...]:
+        return ("t",)
+
+    def amounts(self, p, doses, times, resets):
+        return times[:, None]

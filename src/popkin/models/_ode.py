@@ -45,6 +45,17 @@ from ._dynamics import AbstractDynamics, effective_doses
 _RESET, _SS1, _SS2, _BOLUS, _BOUNDARY, _NOOP = 0, 1, 2, 3, 4, 9
 
 
+def _frozen_rms_norm(tree) -> jax.Array:
+    """RMS norm for step-size control, with step sizes held constant under differentiation.
+
+    Derivatives are those of the discrete solution on the accepted step sequence; carrying
+    tangents through the controller would only add cost.
+    """
+    leaves = [jnp.ravel(lax.stop_gradient(x)) for x in jax.tree.leaves(tree)]
+    flat = jnp.concatenate(leaves)
+    return jnp.sqrt(jnp.mean(flat**2))
+
+
 def _dead(a: jax.Array) -> jax.Array:
     """States whose row and column of `a` are all zero, shape (n,)."""
     return jnp.all(a == 0, axis=0) & jnp.all(a == 0, axis=1)
@@ -178,20 +189,23 @@ class ODE(AbstractDynamics):
     def _solve(self, x, t0, t1, p, u, t_off, ts, jump=None, variational=False):
         """Integrate from `t0` to `t1` with input `u` on `t < t_off`; states at `ts` and `t1`.
 
-        With `variational=True` the state is `(x, Phi)` with $\\dot\\Phi = (\\partial f/\\partial x)
+        With `variational=True` the state is `concat(x, vec Phi)` with $\\dot\\Phi = (\\partial f/\\partial x)
         \\Phi$ (the sensitivity of the flow to its initial state).
         """
+
+        n = len(self.state_names)
 
         def f(t, x, args):
             p, u, t_off = args
             return self.vector_field(t, x, p) + jnp.where(t < t_off, u, 0.0)
 
         def f_var(t, z, args):
-            x, phi = z
-            dx, lin = jax.linearize(lambda y: f(t, y, args), x)
-            return dx, jax.vmap(lin, in_axes=1, out_axes=1)(phi)
+            # One flat state (x, vec Phi): a tuple state costs diffrax twice the time.
+            x, phi = z[:n], z[n:].reshape(n, n)
+            jac = jax.jacfwd(lambda y: f(t, y, args))(x)
+            return jnp.concatenate([f(t, x, args), (jac @ phi).ravel()])
 
-        controller = diffrax.PIDController(rtol=self.rtol, atol=self.atol)
+        controller = diffrax.PIDController(rtol=self.rtol, atol=self.atol, norm=_frozen_rms_norm)
         if jump is not None:
             controller = diffrax.ClipStepSizeController(controller, jump_ts=jump)
         sol = diffrax.diffeqsolve(
@@ -208,8 +222,8 @@ class ODE(AbstractDynamics):
             adjoint=diffrax.ForwardMode(),
             throw=False,
         )
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(y)) for y in jax.tree.leaves(sol.ys)]))
-        return sol.ys, (sol.result == diffrax.RESULTS.successful) & finite
+        ok = (sol.result == diffrax.RESULTS.successful) & jnp.all(jnp.isfinite(sol.ys))
+        return sol.ys, ok
 
     def _newton_tol(self, x_new):
         return 1e3 * self.rtol * jnp.abs(x_new) + 1e3 * self.atol
@@ -232,9 +246,9 @@ class ODE(AbstractDynamics):
         t_off = t0 + jnp.where(is_inf, dur, ii)
         jump = jnp.stack([t0 + jnp.where(is_inf, jnp.minimum(dur, ii), 0.5 * ii)])
         ts = jnp.clip(t_rec, t0, t_dose)[None]
-        (ys, phis), ok = self._solve(
-            (y + bolus, jnp.eye(n)), t0, t_dose, p, u, t_off, ts, jump, variational=True
-        )
+        z0 = jnp.concatenate([y + bolus, jnp.eye(n).ravel()])
+        zs, ok = self._solve(z0, t0, t_dose, p, u, t_off, ts, jump, variational=True)
+        ys, phis = zs[:, :n], zs[:, n:].reshape(-1, n, n)
         # ys[0], phis[0]: state at t_rec and its Jacobian; ys[1], phis[1]: P(y) and dP/dy.
         step = _solve_decoupled(jnp.eye(n) - phis[1], ys[1] - y)
         return y + step, ys[0] + phis[0] @ step, step, ok
