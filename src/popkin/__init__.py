@@ -11,6 +11,7 @@ from .data import datasets as datasets
 from .data import read_nonmem as read_nonmem
 from .join import JointModel as JointModel
 from .join import join as join
+from .models import ODE as ODE
 from .models import Bounded as Bounded
 from .models import Fixed as Fixed
 from .models import LinearPK as LinearPK

@@ -18,9 +18,15 @@ from ._linear import TwoCmtIV as TwoCmtIV
 from ._linear import TwoCmtOral as TwoCmtOral
 from ._model import Model as Model
 from ._model import Namespace as Namespace
+from ._ode import ODE as ODE
 from ._params import Bounded as Bounded
 from ._params import Fixed as Fixed
 from ._params import Omega as Omega
 from ._params import Params as Params
 from ._params import Positive as Positive
 from ._params import Real as Real
+from ._pd import emax as emax
+from ._pd import linear_progression as linear_progression
+from ._pd import pk_turnover_ode as pk_turnover_ode
+from ._pd import turnover as turnover
+from ._pd import turnover_baseline as turnover_baseline

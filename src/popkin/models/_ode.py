@@ -7,7 +7,8 @@ models (`popkin.models._linear`) exactly:
 
 - bolus: $x \mathrel{+}= \text{amt}\, e_{\text{cmt}}$ at the (lagged) dose time; a record at
   exactly that time sees the dose;
-- infusion: $u \mathrel{+}= \text{rate}\, e_{\text{cmt}}$ on $[t_d, \min(t_d + \text{dur}, \text{end}))$;
+- infusion: $u \mathrel{+}= \text{rate}\, e_{\text{cmt}}$ on
+  $[t_d, \min(t_d + \text{dur}, \text{end}))$;
 - reset (EVID 3/4): $x \leftarrow x_0(p)$ (`init`) at the reset time; doses stop at `end`;
 - steady state at the SS record time $T$ (interval `ii`): $x^\*$ is the periodic steady state
   of the dosing repeated every `ii` (dose at $T + \text{lag} - k\,\text{ii}$, $k \ge 1$), the
@@ -189,8 +190,8 @@ class ODE(AbstractDynamics):
     def _solve(self, x, t0, t1, p, u, t_off, ts, jump=None, variational=False):
         """Integrate from `t0` to `t1` with input `u` on `t < t_off`; states at `ts` and `t1`.
 
-        With `variational=True` the state is `concat(x, vec Phi)` with $\\dot\\Phi = (\\partial f/\\partial x)
-        \\Phi$ (the sensitivity of the flow to its initial state).
+        With `variational=True` the state is `concat(x, vec Phi)` with
+        $\\dot\\Phi = (\\partial f/\\partial x) \\Phi$, the flow's sensitivity to x(t0).
         """
 
         n = len(self.state_names)
