@@ -38,7 +38,18 @@ def _modes(problem: SubjectProblem, estimate_omega: bool, u, eta0, subjects, fix
     """Modes of all subjects (vmapped) at the unconstrained parameters `u`."""
     params = _unpack(problem, estimate_omega, u)
     prior = _prior(params, fixed_prior)
-    return jax.vmap(lambda e, s: find_mode(problem, params, prior, e, s))(eta0, subjects)
+    # Two starts per subject, the warm start and zero; keep the lower inner objective. Models
+    # with several local modes (e.g. flip-flop absorption) otherwise make the objective depend
+    # on the path of the outer optimiser.
+    starts = jnp.stack([eta0, jnp.zeros_like(eta0)])
+    both = jax.vmap(
+        jax.vmap(lambda e, s: find_mode(problem, params, prior, e, s)), in_axes=(0, None)
+    )(starts, subjects)
+    f = jnp.where(jnp.isfinite(both.f), both.f, jnp.inf)
+    pick = jnp.argmin(f, axis=0)
+    return jax.tree.map(
+        lambda x: jnp.take_along_axis(x, pick.reshape((1, -1) + (1,) * (x.ndim - 2)), 0)[0], both
+    )
 
 
 def _unpack(problem: SubjectProblem, estimate_omega: bool, u) -> ModelParams:
@@ -142,10 +153,9 @@ def fit(
     messages: list[str] = []
 
     def evaluate(u):
+        # Warm start from the modes at the best point so far (not the last trial point).
         u = jnp.asarray(u)
         res = engine.modes(u, state["eta"])
-        ok = jnp.all(jnp.isfinite(res.eta), axis=1) & jnp.isfinite(res.f)
-        state["eta"] = jnp.where(ok[:, None], res.eta, state["eta"])
         vals, jac = engine.ofv_and_jac(u, res.eta, res.hess_inv)
         return res, np.asarray(vals), np.asarray(jac)
 
@@ -160,6 +170,7 @@ def fit(
         state["history"].append(total)
         if total < state["best"][0]:
             state["best"] = (total, np.array(u))
+            state["eta"] = res.eta
         if report:
             report(state["n"], total)
         return total, np.sum(jac, axis=0)
@@ -171,8 +182,16 @@ def fit(
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
+            # Scale the initial inverse Hessian so that the first step moves at most 0.5 on
+            # the unconstrained scale (BFGS's identity start takes a step of -gradient).
+            f0, g0 = fun(u0)
+            step = 0.5 / max(float(np.max(np.abs(g0))), 1e-8) if np.isfinite(f0) else 1e-3
             opt = scipy.optimize.minimize(
-                fun, u0, jac=True, method="BFGS", options={"maxiter": maxeval, "gtol": gtol}
+                fun,
+                u0,
+                jac=True,
+                method="BFGS",
+                options={"maxiter": maxeval, "gtol": gtol, "hess_inv0": step * np.eye(u0.size)},
             )
         u_hat = state["best"][1]
         if not opt.success:

@@ -59,14 +59,17 @@ def find_mode(
     eta0,
     subj,
     *,
-    max_iter: int = 60,
+    max_iter: int = 40,
     gtol: float = 1e-3,
-    polish: int = 4,
+    newton_iter: int = 30,
+    newton_gtol: float = 1e-9,
 ) -> ModeResult:
     """The mode of `f_i` from `eta0` for one subject (vmap over subjects).
 
-    Gauss-Newton runs until `max|grad f| < gtol` (linear convergence is slow near the mode of
-    a subject with large residuals); then `polish` exact Newton steps converge quadratically.
+    Gauss-Newton runs until `max|grad f| < gtol`, or until it stalls (large-residual subjects,
+    where the Gauss-Newton curvature misses the residual term); then exact Newton steps
+    (eigenvalues lifted where the Hessian is not positive definite, Armijo line search) run
+    until `max|grad f| < newton_gtol * max(1, |f|)`, converging quadratically near the mode.
     """
     ls0 = problem._fixed_logscale(params, subj)
     fun = lambda e: problem.f(params, prior, e, subj, ls0)
@@ -77,7 +80,8 @@ def find_mode(
         d = -_solve_pd(H, g)
         a, fnew = _line_search(fun, eta, f, g, d)
         eta_new = eta + a * d
-        small = (jnp.max(jnp.abs(g)) < gtol) | (a == 0.0) | (jnp.max(jnp.abs(a * d)) < 1e-10)
+        stalled = (f - fnew) < 1e-6 * jnp.maximum(1.0, jnp.abs(f))
+        small = (jnp.max(jnp.abs(g)) < gtol) | (a == 0.0) | stalled
         return eta_new, fnew, k + 1, small
 
     def cond(state):
@@ -90,24 +94,30 @@ def find_mode(
     f0 = jnp.where(bad, fun(eta0), f0)
     eta, f, k, _ = jax.lax.while_loop(cond, gn_step, (eta0, f0, 0, jnp.asarray(False)))
 
-    def newton(carry, _):
-        eta, f = carry
-        g = jax.jacfwd(fun)(eta)
-        H = jax.jacfwd(jax.jacfwd(fun))(eta)
-        # Newton on the exact Hessian, eigenvalues lifted to a positive floor where it is not
-        # positive definite (then a descent direction); the line search guards the step.
-        d = -_solve_pd(H, g)
-        a, fnew = _line_search(fun, eta, f, g, d)
-        return (eta + a * d, fnew), None
+    grad = jax.jacfwd(fun)
+    hess = jax.jacfwd(jax.jacfwd(fun))
 
-    (eta, f), _ = jax.lax.scan(newton, (eta, f), None, length=polish)
-    g = jax.jacfwd(fun)(eta)
-    H = jax.jacfwd(jax.jacfwd(fun))(eta)
+    def newton_cond(c):
+        eta, f, g, j, done = c
+        return (~done) & (j < newton_iter)
+
+    def newton(c):
+        eta, f, g, j, _ = c
+        d = -_solve_pd(hess(eta), g)
+        a, fnew = _line_search(fun, eta, f, g, d)
+        eta = eta + a * d
+        g = grad(eta)
+        done = (jnp.max(jnp.abs(g)) < newton_gtol * jnp.maximum(1.0, jnp.abs(fnew))) | (a == 0.0)
+        return eta, fnew, g, j + 1, done
+
+    g = grad(eta)
+    eta, f, g, j, _ = jax.lax.while_loop(newton_cond, newton, (eta, f, g, 0, jnp.asarray(False)))
+    H = hess(eta)
     H = 0.5 * (H + H.T)
     w, V = jnp.linalg.eigh(H)
     pd = jnp.all(w > 0)
     Hinv = V @ jnp.diag(1.0 / jnp.where(w > 0, w, jnp.inf)) @ V.T
     gnorm = jnp.max(jnp.abs(g)) if g.shape[0] else jnp.asarray(0.0)
     scale = jnp.maximum(1.0, jnp.abs(f))
-    converged = jnp.isfinite(f) & pd & (gnorm < 1e-4 * scale)
-    return ModeResult(eta, f, gnorm, H, Hinv, converged, k)
+    converged = jnp.isfinite(f) & pd & (gnorm < 1e-5 * scale)
+    return ModeResult(eta, f, gnorm, H, Hinv, converged, k + j)
