@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 
 from .models._dynamics import RecordTimes
-from .models._error import additive, combined, proportional
-from .models._linear import TwoCmtOral
+from .models._error import additive, proportional
 from .models._model import Model
 from .models._params import Omega, Params, Positive
+from .models.library import TwoCmtOralComb
 from .params import ModelParams
 
 _WANG = (
@@ -77,27 +77,8 @@ THEOPHYLLINE_FOCEI = [
 ]
 
 
-class RecoveryTwoCmt(Model):
-    """2-compartment oral model with a full 3x3 Omega and combined error (recovery study)."""
-
-    theta = Params(tka=0.0, tcl=1.0, tv=3.0, tq=0.5, tvp=3.5)
-    omega = Omega.block(
-        ["eta_ka", "eta_cl", "eta_v"], [[0.2, 0.0, 0.0], [0.0, 0.1, 0.0], [0.0, 0.0, 0.1]]
-    )
-    sigma = Params(add_sd=Positive(0.05), prop_sd=Positive(0.1))
-    dynamics = TwoCmtOral()
-
-    def individual(self, th, eta, cov):
-        return dict(
-            ka=jnp.exp(th.tka + eta.eta_ka),
-            cl=jnp.exp(th.tcl + eta.eta_cl),
-            v=jnp.exp(th.tv + eta.eta_v),
-            q=jnp.exp(th.tq),
-            vp=jnp.exp(th.tvp),
-        )
-
-    def observe(self, p, sol, sg):
-        return {"cp": combined(sol.central / p["v"], sg.add_sd, sg.prop_sd)}
+#: The recovery study's model: 2-compartment oral, full 3x3 Omega, combined error.
+RecoveryTwoCmt = TwoCmtOralComb
 
 
 RECOVERY_TRUTH = ModelParams(

@@ -106,8 +106,13 @@ class JointModel:
         out = _evaluate(problem, params, prior, subj, key, n_is, df)
         ll_lap, ll_is, ess, conv = (np.asarray(a) for a in out)
         return pd.DataFrame(
-            {"ID": list(pops[0].ids), "ll_laplace": ll_lap, "ll_is": ll_is, "ess": ess,
-             "converged": conv}  # fmt: skip
+            {
+                "ID": list(pops[0].ids),
+                "ll_laplace": ll_lap,
+                "ll_is": ll_is,
+                "ess": ess,
+                "converged": conv,
+            }  # fmt: skip
         )
 
     def posterior(self, populations, prior=None):
@@ -198,7 +203,9 @@ def _modes(problem, params, prior, subj):
 
 @eqx.filter_jit
 def _modes_static(problem, params, prior, subj, eta0):
-    return jax.vmap(lambda e, s: find_mode(problem, params, prior, e, s), in_axes=(0, 0))(eta0, subj)
+    return jax.vmap(lambda e, s: find_mode(problem, params, prior, e, s), in_axes=(0, 0))(
+        eta0, subj
+    )
 
 
 @eqx.filter_jit

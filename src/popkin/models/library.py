@@ -14,6 +14,15 @@ from ._model import Model
 from ._params import Omega, Params, Positive
 
 
+def _oral_ka_cl_v(th, eta) -> dict:
+    """Log-normal ka (1/h), CL (L/h), V (L) from log-scale thetas tka, tcl, tv."""
+    return dict(
+        ka=jnp.exp(th.tka + eta.eta_ka),
+        cl=jnp.exp(th.tcl + eta.eta_cl),
+        v=jnp.exp(th.tv + eta.eta_v),
+    )
+
+
 class Theophylline(Model):
     """1-compartment, first-order absorption, log-normal ka/CL/V, additive error.
 
@@ -26,11 +35,7 @@ class Theophylline(Model):
     dynamics = OneCmtOral()
 
     def individual(self, th, eta, cov):
-        return dict(
-            ka=jnp.exp(th.tka + eta.eta_ka),
-            cl=jnp.exp(th.tcl + eta.eta_cl),
-            v=jnp.exp(th.tv + eta.eta_v),
-        )
+        return _oral_ka_cl_v(th, eta)
 
     def observe(self, p, sol, sg):
         return {"cp": Normal(sol.central / p["v"], sg.add_sd)}
@@ -45,11 +50,7 @@ class OneCmtOralProp(Model):
     dynamics = OneCmtOral()
 
     def individual(self, th, eta, cov):
-        return dict(
-            ka=jnp.exp(th.tka + eta.eta_ka),
-            cl=jnp.exp(th.tcl + eta.eta_cl),
-            v=jnp.exp(th.tv + eta.eta_v),
-        )
+        return _oral_ka_cl_v(th, eta)
 
     def observe(self, p, sol, sg):
         return {"cp": proportional(sol.central / p["v"], sg.prop_sd)}
@@ -101,13 +102,7 @@ class TwoCmtOralComb(Model):
     dynamics = TwoCmtOral()
 
     def individual(self, th, eta, cov):
-        return dict(
-            ka=jnp.exp(th.tka + eta.eta_ka),
-            cl=jnp.exp(th.tcl + eta.eta_cl),
-            v=jnp.exp(th.tv + eta.eta_v),
-            q=jnp.exp(th.tq),
-            vp=jnp.exp(th.tvp),
-        )
+        return dict(_oral_ka_cl_v(th, eta), q=jnp.exp(th.tq), vp=jnp.exp(th.tvp))
 
     def observe(self, p, sol, sg):
         return {"cp": combined(sol.central / p["v"], sg.add_sd, sg.prop_sd)}
