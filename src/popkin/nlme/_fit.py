@@ -41,15 +41,19 @@ def _modes(problem: SubjectProblem, estimate_omega: bool, u, eta0, subjects, fix
     # Two starts per subject, the warm start and zero; keep the lower inner objective. Models
     # with several local modes (e.g. flip-flop absorption) otherwise make the objective depend
     # on the path of the outer optimiser.
-    starts = jnp.stack([eta0, jnp.zeros_like(eta0)])
-    both = jax.vmap(
-        jax.vmap(lambda e, s: find_mode(problem, params, prior, e, s)), in_axes=(0, None)
-    )(starts, subjects)
-    f = jnp.where(jnp.isfinite(both.f), both.f, jnp.inf)
-    pick = jnp.argmin(f, axis=0)
-    return jax.tree.map(
-        lambda x: jnp.take_along_axis(x, pick.reshape((1, -1) + (1,) * (x.ndim - 2)), 0)[0], both
-    )
+    one = jax.vmap(lambda e, s: find_mode(problem, params, prior, e, s))
+
+    def two_starts(eta0):
+        a, b = one(eta0, subjects), one(jnp.zeros_like(eta0), subjects)
+        fa = jnp.where(jnp.isfinite(a.f), a.f, jnp.inf)
+        fb = jnp.where(jnp.isfinite(b.f), b.f, jnp.inf)
+        use_b = fb < fa
+        return jax.tree.map(
+            lambda x, y: jnp.where(use_b.reshape((-1,) + (1,) * (x.ndim - 1)), y, x), a, b
+        )
+
+    # The second start is the same as the first when the warm start is zero: skip it then.
+    return jax.lax.cond(jnp.any(eta0 != 0), two_starts, lambda e: one(e, subjects), eta0)
 
 
 def _unpack(problem: SubjectProblem, estimate_omega: bool, u) -> ModelParams:

@@ -61,7 +61,7 @@ def find_mode(
     *,
     max_iter: int = 40,
     gtol: float = 1e-3,
-    newton_iter: int = 30,
+    newton_iter: int = 10,
     newton_gtol: float = 1e-9,
 ) -> ModeResult:
     """The mode of `f_i` from `eta0` for one subject (vmap over subjects).
