@@ -96,7 +96,7 @@ import numpy as np
 import pandas as pd
 
 import popkin
-from popkin.reference import RecordTimes
+from popkin.reference import LinearEndpoint
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIGMA = 0.3
@@ -222,19 +222,10 @@ class YangPrior(eqx.Module):
 
 
 # -- models and data ---------------------------------------------------------------------------
-class Endpoint(popkin.Model):
+class Endpoint(LinearEndpoint):
     """y_t = mu + eta + eps, eps ~ N(0, sd^2): one endpoint, one random effect."""
 
-    theta = popkin.Params(mu=0.0)
     omega = popkin.Omega(eta=1.0)
-    sigma = popkin.Params(sd=popkin.Positive(0.5))
-    dynamics = RecordTimes()
-
-    def individual(self, th, eta, cov):
-        return dict(m=th.mu + eta.eta)
-
-    def observe(self, p, sol, sg):
-        return {"y": popkin.additive(p["m"] + 0.0 * sol.t, sg.sd)}
 
 
 def simulate(rng: np.random.Generator, n: int):

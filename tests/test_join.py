@@ -9,25 +9,13 @@ import pandas as pd
 import pytest
 
 import popkin
-from popkin.reference import RecordTimes
+from popkin.reference import LinearEndpoint
 
 SD = {"A": 0.4, "B": 0.3}
 TRUE_OMEGA = np.array([[0.5, 0.35], [0.35, 0.6]])
 
 
-class Endpoint(popkin.Model):
-    """y = mu + eta + eps: one endpoint, one random effect (linear Gaussian)."""
-
-    theta = popkin.Params(mu=0.0)
-    omega = popkin.Omega(eta=0.5)
-    sigma = popkin.Params(sd=popkin.Positive(0.5))
-    dynamics = RecordTimes()
-
-    def individual(self, th, eta, cov):
-        return dict(m=th.mu + eta.eta)
-
-    def observe(self, p, sol, sg):
-        return {"y": popkin.additive(p["m"] + 0.0 * sol.t, sg.sd)}
+Endpoint = LinearEndpoint
 
 
 def make_data(n, seed, k=(4, 3)):

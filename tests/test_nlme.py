@@ -14,12 +14,10 @@ from popkin.models.library import Theophylline
 from popkin.reference import (
     THEOPHYLLINE_FOCEI,
     WANG_OFV,
-    RecordTimes,
+    LinearEndpoint,
     theophylline_values,
     wang_data,
 )
-
-_Times = RecordTimes
 
 
 @pytest.mark.parametrize("model_cls, method, reference", WANG_OFV)
@@ -89,19 +87,11 @@ def test_load_fit_rejects_corrupted_files(theo_fit, tmp_path):
         popkin.load_fit(tmp_path / "other.json")
 
 
-class LinearGaussian(popkin.Model):
+class LinearGaussian(LinearEndpoint):
     """y_ij = mu + eta_i + eps_ij: the marginal likelihood is exactly Gaussian."""
 
     theta = popkin.Params(mu=1.0)
-    omega = popkin.Omega(eta=0.5)
     sigma = popkin.Params(sd=popkin.Positive(0.3))
-    dynamics = _Times()
-
-    def individual(self, th, eta, cov):
-        return dict(m=th.mu + eta.eta)
-
-    def observe(self, p, sol, sg):
-        return {"y": popkin.additive(p["m"] + 0.0 * sol.t, sg.sd)}
 
 
 def _linear_gaussian_data(seed=0, n=30, k=4):

@@ -54,6 +54,23 @@ class WangProportional(WangAdditive):
         return {"y": proportional(10 * jnp.exp(-p["ke"] * sol.t), jnp.sqrt(sg.var))}
 
 
+class LinearEndpoint(Model):
+    """`y = mu + eta + eps`: one endpoint, one random effect, linear and Gaussian, so every
+    marginal likelihood is known in closed form (evaluator tests, the joining toy problem).
+    Subclass to change the initial values."""
+
+    theta = Params(mu=0.0)
+    omega = Omega(eta=0.5)
+    sigma = Params(sd=Positive(0.5))
+    dynamics = RecordTimes()
+
+    def individual(self, th, eta, cov):
+        return dict(m=th.mu + eta.eta)
+
+    def observe(self, p, sol, sg):
+        return {"y": additive(p["m"] + 0.0 * sol.t, sg.sd)}
+
+
 #: (model class, method, published OFV at the initial values).
 WANG_OFV = [
     (WangAdditive, "fo", 0.026),
