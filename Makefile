@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint format clean
+.PHONY: demo test test-slow lint format clean chromium
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 test-slow: $(STAMP)
+	-$(MAKE) chromium
 	$(BIN)/python -m pytest -m slow
 
 format: $(STAMP)
@@ -30,3 +31,8 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
+
+# Headless Chromium for the report-rendering slow test (Debian; needs root).
+chromium:
+	command -v chromium >/dev/null || (apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium)

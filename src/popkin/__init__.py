@@ -11,6 +11,7 @@ from .data import datasets as datasets
 from .data import read_nonmem as read_nonmem
 from .join import JointModel as JointModel
 from .join import join as join
+from .join import load_joint as load_joint
 from .models import ODE as ODE
 from .models import Bounded as Bounded
 from .models import Fixed as Fixed
@@ -38,6 +39,7 @@ from .nlme import load_fit as load_fit
 from .params import ModelParams as ModelParams
 from .params import default_params as default_params
 from .priors import Gaussian as Gaussian
+from .report import report as report
 from .simulate import simulate as simulate
 
 __version__ = "0.1.0"

@@ -149,5 +149,182 @@ def demo(
         _fail(e)
 
 
+# -- join / evaluate / report (self-contained block) -------------------------------------------
+
+
+def _load_fits(paths: list[Path], models: list[str] | None, model_class: str | None = None):
+    """Saved fits, with `--model SPEC` (one per fit, in order) where a class cannot be imported."""
+    from .nlme import load_fit
+
+    if models and len(models) != len(paths):
+        raise ValueError(f"give --model once per fit ({len(paths)}), got {len(models)}")
+    out = []
+    for k, p in enumerate(paths):
+        if not p.exists():
+            raise ValueError(f"{p}: no such file; give a fit saved by `popkin fit ... -o FIT.json`")
+        m = load_model(models[k], model_class) if models else None
+        out.append(load_fit(p, model=m))
+    return out
+
+
+def _load_joint(path: Path, models: list[str] | None):
+    from .join import load_joint
+
+    if not path.exists():
+        raise ValueError(f"{path}: no such file; create one with `popkin join FIT1 FIT2 -o {path}`")
+    ms = [load_model(m) for m in models] if models else None
+    return load_joint(path, models=ms)
+
+
+@app.command()
+def join(
+    fits: list[Path] = typer.Argument(
+        ..., help="Saved fits (JSON from `popkin fit`), one per endpoint."
+    ),
+    prior: str = typer.Option("gaussian", help="gaussian | flow"),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to save the joint model (JSON)."),
+    seed: int = typer.Option(0, help="Random seed (posterior draws, flow training)."),
+    n_samples: int = typer.Option(50, help="Posterior draws per subject for the joint prior."),
+    model: list[str] = typer.Option(
+        None, "--model", help="Model (name or .py) per fit, when its class cannot be imported."
+    ),
+):
+    """Join independently fitted endpoint models through a joint prior over their random effects.
+
+    Example: `popkin join pk_fit.json pd_fit.json --prior flow -o joined.json`
+    """
+    try:
+        import jax
+        import numpy as np
+
+        from .join import join as run_join
+
+        if prior not in ("gaussian", "flow"):
+            raise ValueError(f"--prior must be 'gaussian' or 'flow', got {prior!r}")
+        fs = _load_fits(fits, model)
+        with console.status(f"fitting a {prior} joint prior ..."):
+            joint = run_join(fs, prior, key=jax.random.key(seed), n_samples=n_samples)
+        xs = np.asarray(joint.prior.sample(jax.random.key(seed + 1), (4000,)))
+        corr = np.corrcoef(xs, rowvar=False)
+        from rich.table import Table
+
+        table = Table(title=f"{joint.kind} joint prior: correlation of 4000 draws")
+        table.add_column("")
+        for n in joint.eta_names:
+            table.add_column(n, justify="right")
+        for n, row in zip(joint.eta_names, corr, strict=True):
+            table.add_row(n, *(f"{v:.3f}" for v in row))
+        console.print(table)
+        joint.save(out)
+        console.print(f"saved joint model to [bold]{out}[/]")
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+
+
+@app.command()
+def evaluate(
+    joined: Path = typer.Argument(..., help="Joint model saved by `popkin join`."),
+    heldout: list[Path] = typer.Argument(
+        ..., help="Held-out NONMEM CSVs, one per fit, same subjects."
+    ),
+    n_is: int = typer.Option(1000, help="Importance-sampling draws per subject."),
+    seed: int = typer.Option(0, help="Random seed (importance sampling)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Per-subject results (CSV)."),
+    model: list[str] = typer.Option(
+        None, "--model", help="Model (name or .py) per fit, when its class cannot be imported."
+    ),
+):
+    """Held-out log-likelihood of the joint prior against the independent one (Laplace and IS).
+
+    Example: `popkin evaluate joined.json pk_test.csv pd_test.csv -o heldout.csv`
+    """
+    try:
+        import jax
+        import pandas as pd
+
+        from .data._reader import read_nonmem
+
+        joint = _load_joint(joined, model)
+        if len(heldout) != len(joint.fits):
+            raise ValueError(
+                f"{joined} joins {len(joint.fits)} fits; give {len(joint.fits)} held-out CSVs "
+                f"(one per fit, in the order of `popkin join`), got {len(heldout)}"
+            )
+        pops = [read_nonmem(p) for p in heldout]
+        key = jax.random.key(seed)
+        with console.status("evaluating the held-out marginal likelihood ..."):
+            lj = joint.log_likelihood(pops, n_is=n_is, key=key)
+            li = joint.log_likelihood(pops, joint.independent, n_is=n_is, key=key)
+        res = pd.DataFrame({"ID": lj["ID"], "ll_joint_laplace": lj["ll_laplace"],
+                            "ll_joint_is": lj["ll_is"], "ll_indep_laplace": li["ll_laplace"],
+                            "ll_indep_is": li["ll_is"], "ess_joint": lj["ess"],
+                            "converged": lj["converged"] & li["converged"]})  # fmt: skip
+        res["dll_laplace"] = res["ll_joint_laplace"] - res["ll_indep_laplace"]
+        res["dll_is"] = res["ll_joint_is"] - res["ll_indep_is"]
+        n = len(res)
+        for col, name in [("laplace", "Laplace"), ("is", f"IS ({n_is} draws)")]:
+            d = res[f"dll_{col}"]
+            se = d.std(ddof=1) * n**0.5 if n > 1 else float("nan")
+            console.print(f"ΔLL {name}: {d.sum():.2f} ± {se:.2f} nats over {n} subjects "
+                          f"(joint {res[f'll_joint_{col}'].sum():.2f}, independent "
+                          f"{res[f'll_indep_{col}'].sum():.2f})")  # fmt: skip
+        bad = int((~res["converged"]).sum())
+        if bad:
+            console.print(f"[yellow]warning:[/] mode search did not converge for {bad} subjects")
+        if out is not None:
+            tmp = out.with_suffix(out.suffix + ".tmp")
+            res.to_csv(tmp, index=False)
+            tmp.replace(out)
+            console.print(f"wrote per-subject results to [bold]{out}[/]")
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+
+
+@app.command()
+def report(
+    fit_or_results: Path = typer.Argument(
+        ..., help="A saved fit (`popkin fit`) or joint model (`popkin join`)."
+    ),
+    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write."),
+    n_sim: int = typer.Option(200, help="Simulated replicates for the pcVPC / NPDE."),
+    seed: int = typer.Option(0, help="Random seed for the simulations."),
+    dv_unit: str = typer.Option("", help="Unit of DV for axis labels, e.g. mg/L."),
+    time_unit: str = typer.Option("h", help="Unit of TIME for axis labels."),
+    model: list[str] = typer.Option(
+        None, "--model", help="Model (name or .py) per fit, when its class cannot be imported."
+    ),
+):
+    """Write a self-contained HTML report (figures embedded): model, data, estimates, GOF,
+    pcVPC, NPDE, eta pairs, individual fits, and the joining results for a joint model.
+
+    Example: `popkin report theo_fit.json -o report.html --dv-unit mg/L`
+    """
+    try:
+        import json
+
+        from .report import report as run_report
+
+        if not fit_or_results.exists():
+            raise ValueError(f"{fit_or_results}: no such file; give a file saved by `popkin fit` "
+                             "or `popkin join`")  # fmt: skip
+        try:
+            fmt = json.loads(fit_or_results.read_text()).get("format")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            fmt = None
+        if fmt == "popkin-joint":
+            obj = _load_joint(fit_or_results, model)
+        elif fmt == "popkin-fit":
+            obj = _load_fits([fit_or_results], model)[0]
+        else:
+            raise ValueError(f"{fit_or_results}: not a popkin fit or joint-model file; create one "
+                             "with `popkin fit ... -o FIT.json` or `popkin join ... -o J.json`")  # fmt: skip
+        with console.status("writing the report (simulating for pcVPC and NPDE) ...") as st:
+            path = run_report(obj, out, n_sim=n_sim, seed=seed, dv_unit=dv_unit,
+                              time_unit=time_unit, progress=lambda m: st.update(m))  # fmt: skip
+        console.print(f"wrote [bold]{path}[/]")
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+
+
 def main():  # pragma: no cover
     app()

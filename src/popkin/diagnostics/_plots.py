@@ -49,18 +49,18 @@ def gof(fit, path=None, *, dv_unit: str = "", time_unit: str = "h"):
         for h in (-2, 2):
             a.axhline(h, color="grey", ls=":", lw=1)
         a.set_xlabel(xl)
-        a.set_ylabel("CWRES")
+        a.set_ylabel("CWRES (-)")
         a.set_title(f"CWRES vs {x}")
     a = ax[0, 2]
     a.scatter(obs["IPRED"], np.abs(obs["IWRES"]), s=12, alpha=0.6, color="C2")
     a.set_xlabel(f"IPRED{u}")
-    a.set_ylabel("|IWRES|")
+    a.set_ylabel("|IWRES| (-)")
     a.set_title("|IWRES| vs IPRED")
     a = ax[1, 2]
     a.hist(obs["CWRES"], bins=20, density=True, alpha=0.6, color="C1", label="CWRES")
     z = np.linspace(-4, 4, 200)
     a.plot(z, np.exp(-0.5 * z**2) / np.sqrt(2 * np.pi), "k", lw=1, label="N(0,1)")
-    a.set_xlabel("CWRES")
+    a.set_xlabel("CWRES (-)")
     a.set_ylabel("density")
     a.set_title("CWRES distribution")
     a.legend()

@@ -290,3 +290,145 @@ def join(
         dist, losses = fit_flow(samples, key=k_f, **flow_options)
         return JointModel(list(fits), dist, "flow", losses)
     raise ValueError(f"prior must be 'gaussian', 'flow' or a prior object, got {prior!r}")
+
+# -- save / load ---------------------------------------------------------------------------------
+# One JSON file: the fits (as `Fit.save` writes them), the prior (Gaussian moments exactly, a
+# `fit_flow` flow as its hyper-parameters plus its leaves serialised by equinox), the losses.
+
+JOINT_FORMAT_VERSION = 1
+
+
+def _prior_doc(prior) -> dict:
+    import base64
+    import io
+
+    if isinstance(prior, Gaussian):
+        return {"type": "gaussian", "mean": np.asarray(prior.mean).tolist(),
+                "cov": np.asarray(prior.cov).tolist()}  # fmt: skip
+    if isinstance(prior, Independent):
+        return {"type": "independent", "sizes": list(prior.sizes),
+                "parts": [_prior_doc(p) for p in prior.parts]}  # fmt: skip
+    config = _flow_config(prior)
+    buf = io.BytesIO()
+    eqx.tree_serialise_leaves(buf, prior)
+    return {"type": "flow", "config": config, "leaves": base64.b64encode(buf.getvalue()).decode()}
+
+
+def _flow_config(dist) -> dict:
+    """Hyper-parameters of a `fit_flow` flow, read off its structure (to rebuild a skeleton)."""
+    try:
+        inner = dist.base_dist
+        coupling = inner.bijection.bijection.bijection.bijections[0]
+        mlp = coupling.conditioner
+        dim = int(coupling.dim)
+        free = dim - int(coupling.untransformed_dim)
+        return {
+            "dim": dim,
+            "flow_layers": int(mlp.layers[0].weight.shape[0]),
+            "nn_width": int(mlp.width_size),
+            "nn_depth": int(mlp.depth),
+            "transformer": "affine" if int(mlp.out_size) == 2 * free else "spline",
+        }
+    except (AttributeError, IndexError, TypeError):
+        raise ValueError(
+            f"cannot save a prior of type {type(dist).__name__}: only Gaussian, Independent and "
+            "flows made by popkin.join(..., prior='flow') can be saved"
+        ) from None
+
+
+def _prior_from_doc(doc: dict):
+    import base64
+    import io
+
+    t = doc.get("type")
+    if t == "gaussian":
+        return Gaussian(np.asarray(doc["cov"], float), np.asarray(doc["mean"], float))
+    if t == "independent":
+        return Independent([_prior_from_doc(p) for p in doc["parts"]], doc["sizes"])
+    if t == "flow":
+        from flowjax.bijections import Affine, RationalQuadraticSpline
+        from flowjax.distributions import Normal, Transformed
+        from flowjax.flows import coupling_flow
+
+        c = doc["config"]
+        dim = c["dim"]
+        tr = (
+            Affine()
+            if c["transformer"] == "affine"
+            else RationalQuadraticSpline(knots=8, interval=5.0)
+        )
+        flow = coupling_flow(jax.random.key(0), base_dist=Normal(jnp.zeros(dim)), transformer=tr,
+                             flow_layers=c["flow_layers"], nn_width=c["nn_width"],
+                             nn_depth=c["nn_depth"], nn_activation=jax.nn.tanh)  # fmt: skip
+        skeleton = Transformed(flow, Affine(jnp.zeros(dim), jnp.ones(dim)))
+        return eqx.tree_deserialise_leaves(io.BytesIO(base64.b64decode(doc["leaves"])), skeleton)
+    raise ValueError(f"unknown prior type {t!r}")
+
+
+def save_joint(joint: JointModel, path):
+    """Write a `JointModel` to one JSON file (fits, prior, losses); reload with `load_joint`."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    fits = []
+    with tempfile.TemporaryDirectory() as d:
+        for k, f in enumerate(joint.fits):
+            fits.append(json.loads(f.save(Path(d) / f"fit{k}.json").read_text()))
+    doc = {
+        "format": "popkin-joint",
+        "version": JOINT_FORMAT_VERSION,
+        "kind": joint.kind,
+        "prior": _prior_doc(joint.prior),
+        "losses": {k: np.asarray(v).tolist() for k, v in (joint.losses or {}).items()},
+        "fits": fits,
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc))
+    tmp.replace(path)  # atomic: no partial file on interruption
+    return path
+
+
+def load_joint(path, models=None) -> JointModel:
+    """Load a `JointModel` written by `save_joint`. `models`: one model per fit (or None
+    entries) for fits whose model class cannot be imported (models defined in scripts)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from ..nlme._result import load_fit
+
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable popkin joint-model file ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != "popkin-joint":
+        raise ValueError(
+            f"{path}: not a popkin joint-model file (missing 'format': 'popkin-joint')"
+        )
+    missing = [k for k in ("kind", "prior", "fits") if k not in doc]
+    if missing:
+        raise ValueError(f"{path}: joint-model file is truncated or corrupted (missing {missing})")
+    models = list(models) if models is not None else [None] * len(doc["fits"])
+    if len(models) != len(doc["fits"]):
+        raise ValueError(f"{path}: holds {len(doc['fits'])} fits but {len(models)} models given")
+    fits = []
+    with tempfile.TemporaryDirectory() as d:
+        for k, (fd, m) in enumerate(zip(doc["fits"], models, strict=True)):
+            p = Path(d) / f"fit{k}.json"
+            p.write_text(json.dumps(fd))
+            try:
+                fits.append(load_fit(p, model=m))
+            except ValueError as e:
+                raise ValueError(f"{path}: fit {k}: {str(e).split(': ', 1)[-1]}") from None
+    try:
+        prior = _prior_from_doc(doc["prior"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{path}: cannot rebuild the joint prior ({e})") from None
+    losses = {k: np.asarray(v) for k, v in doc.get("losses", {}).items()}
+    return JointModel(fits, prior, doc["kind"], losses)
+
+
+JointModel.save = save_joint  # `joint.save(path)`, next to `Fit.save`
