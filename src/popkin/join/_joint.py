@@ -291,6 +291,7 @@ def join(
         return JointModel(list(fits), dist, "flow", losses)
     raise ValueError(f"prior must be 'gaussian', 'flow' or a prior object, got {prior!r}")
 
+
 # -- save / load ---------------------------------------------------------------------------------
 # One JSON file: the fits (as `Fit.save` writes them), the prior (Gaussian moments exactly, a
 # `fit_flow` flow as its hyper-parameters plus its leaves serialised by equinox), the losses.
