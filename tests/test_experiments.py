@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -31,3 +33,33 @@ def test_exp2_quick(tmp_path):
     assert test["independent"]["dll"] == 0.0
     assert test["oracle"]["dll"] > 0
     assert test["flow"]["dll"] > test["gaussian"]["dll"]
+
+
+def test_exp3_quick(tmp_path):
+    """Interim prediction: the joined priors use the biomarkers to predict the unobserved PE
+    slope, so their R² beats the independent prior's; the oracle (true Omega) is best up to
+    sampling noise."""
+    exp3 = _load("exp3_interim")
+    exp3.main(["--quick", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "exp3.json").read_text())
+    assert (tmp_path / "exp3.md").exists() and (tmp_path / "exp3_interim.png").exists()
+    r2 = {r["prior"]: r["r2"] for r in res["rows"]}
+    assert set(r2) == {"independent", "gaussian", "flow", "oracle"}
+    assert r2["gaussian"] > r2["independent"] + 0.05
+    assert r2["flow"] > r2["independent"]
+    assert r2["oracle"] > r2["independent"] + 0.05
+
+
+@pytest.mark.slow
+def test_exp1_quick(tmp_path):
+    """PK + 3 PD endpoints: joint fit >= post-hoc Gaussian > independent (test ΔLL). Slow: a
+    PK fit, three PD fits and a 6x6-Omega joint fit (several minutes on 2 cores)."""
+    exp1 = _load("exp1_pkpd")
+    exp1.main(["--quick", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "exp1.json").read_text())
+    rows = {r["prior"]: r for r in res["rows"]}
+    assert rows["independent"]["dll"] == 0.0
+    assert rows["gaussian"]["dll"] > 0
+    # "joint >= post-hoc Gaussian" up to Monte Carlo-free but finite-sample noise: one SE.
+    assert rows["joint"]["dll"] >= rows["gaussian"]["dll"] - rows["gaussian"]["se"]
+    assert res["closed_form_vs_ode_max_rel_diff"] < 1e-5

@@ -9,6 +9,7 @@ prior (Gaussian moments or a flow) is fitted to that pool. `target="modes"` fits
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import equinox as eqx
@@ -95,8 +96,11 @@ class JointModel:
         Student-t with `df` degrees of freedom around the mode with the Laplace covariance).
 
         `populations`: one per fit (same subject IDs, same order), e.g. held-out test data.
-        Returns columns ID, ll_laplace, ll_is, ess, converged. Log-likelihoods are full
-        (including the N log 2 pi constant).
+        Returns columns ID, ll_laplace, ll_is, ess, converged, laplace_defined. Where the
+        Hessian at the mode is not positive definite (a saddle of a learned prior) the mode
+        search is restarted down the negative-curvature direction; if no PD mode is found,
+        ll_laplace is NaN, `laplace_defined` False (with a warning) and the proposal uses the
+        Gauss-Newton curvature. Log-likelihoods are full (including the N log 2 pi constant).
         """
         prior = self.prior if prior is None else prior
         key = jax.random.key(0) if key is None else key
@@ -104,25 +108,39 @@ class JointModel:
         params = tuple(f.params for f in self.fits)
         subj = tuple(p.subjects for p in pops)
         out = _evaluate(problem, params, prior, subj, key, n_is, df)
-        ll_lap, ll_is, ess, conv = (np.asarray(a) for a in out)
+        ll_lap, ll_is, ess, conv, pd_ok = (np.asarray(a) for a in out)
+        ids = list(pops[0].ids)
+        if not pd_ok.all():
+            bad = [ids[i] for i in np.flatnonzero(~pd_ok)]
+            warnings.warn(
+                f"Laplace approximation undefined (Hessian of the negative log joint not positive "
+                f"definite at the best mode found) for {len(bad)} subject(s), ID(s) {bad[:20]}: "
+                "ll_laplace is NaN there (column laplace_defined); ll_is uses a Gauss-Newton "
+                "proposal.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return pd.DataFrame(
             {
-                "ID": list(pops[0].ids),
+                "ID": ids,
                 "ll_laplace": ll_lap,
                 "ll_is": ll_is,
                 "ess": ess,
                 "converged": conv,
+                "laplace_defined": pd_ok,
             }  # fmt: skip
         )
 
     def posterior(self, populations, prior=None):
-        """Per subject, the mode and Laplace covariance of the joint posterior under `prior`."""
+        """Per subject, the mode and Laplace covariance of the joint posterior under `prior`
+        (where the exact Hessian is not PD: the inverse of the floored Gauss-Newton curvature,
+        see `log_likelihood`)."""
         prior = self.prior if prior is None else prior
         problem, pops = self._problem(populations)
         params = tuple(f.params for f in self.fits)
         subj = tuple(p.subjects for p in pops)
-        res = _modes(problem, params, prior, subj)
-        return np.asarray(res.eta), np.asarray(res.hess_inv), pops
+        eta, cov, _ = _posterior(problem, params, prior, subj)
+        return np.asarray(eta), np.asarray(cov), pops
 
     def predict(self, populations, prior=None, *, n_samples: int = 500, key=None,
                 level: float = 0.9) -> list[pd.DataFrame]:  # fmt: skip
@@ -195,10 +213,8 @@ def _as_populations(fits, populations) -> list[Population]:
     return pops
 
 
-def _modes(problem, params, prior, subj):
-    n = sum(problem.sizes)
-    S = subj[0].records.time.shape[0]
-    return _modes_static(problem, params, prior, subj, jnp.zeros((S, n)))
+#: Relative eigenvalue floor of the proposal / posterior curvature (see `_curvature`).
+EIG_FLOOR = 1e-3
 
 
 @eqx.filter_jit
@@ -208,31 +224,91 @@ def _modes_static(problem, params, prior, subj, eta0):
     )
 
 
-@eqx.filter_jit
-def _evaluate_static(problem, params, prior, subj, key, n_is, df):
+def _is_pd(H) -> np.ndarray:
+    H = np.asarray(H)
+    return np.all(np.linalg.eigvalsh(0.5 * (H + np.swapaxes(H, -1, -2))) > 0, axis=-1)
+
+
+def _modes(problem, params, prior, subj):
+    r"""Per subject the mode from zero and whether its exact Hessian is PD. Where it is not
+    (a saddle or crease of a learned prior), the mode search restarts from one step
+    $1/\sqrt{|\lambda_{min}|}$ down each side of the most negative eigendirection and keeps
+    the lowest $f$ among the results with a PD Hessian (the first result if none has). The
+    restarts reuse the same compiled search (only the start values change) and run only when
+    a subject needs them. Returns `(ModeResult as numpy, pd)`."""
     n = sum(problem.sizes)
     S = subj[0].records.time.shape[0]
-    res = jax.vmap(lambda e, s: find_mode(problem, params, prior, e, s))(jnp.zeros((S, n)), subj)
+    r0 = jax.tree.map(np.asarray, _modes_static(problem, params, prior, subj, jnp.zeros((S, n))))
+    pd_ok = _is_pd(r0.hessian)
+    if pd_ok.all():
+        return r0, pd_ok
+    w, V = np.linalg.eigh(0.5 * (r0.hessian + np.swapaxes(r0.hessian, -1, -2)))
+    step = np.where(pd_ok, 0.0, 1.0 / np.sqrt(np.maximum(np.abs(w[:, 0]), 1e-8)))
+    cands, scores = [r0], [np.where(pd_ok & np.isfinite(r0.f), r0.f, np.inf)]
+    for sign in (1.0, -1.0):
+        start = r0.eta + sign * step[:, None] * V[:, :, 0]
+        r = jax.tree.map(np.asarray, _modes_static(problem, params, prior, subj, start))
+        cands.append(r)
+        scores.append(np.where(_is_pd(r.hessian) & np.isfinite(r.f), r.f, np.inf))
+    scores = np.stack(scores)
+    best = np.where(np.isfinite(scores).any(0), np.argmin(scores, axis=0), 0)
+    best = np.where(pd_ok, 0, best)
+    res = jax.tree.map(lambda *xs: np.stack(xs)[best, np.arange(S)], *cands)
+    return res, _is_pd(res.hessian)
+
+
+def _curvature(problem, params, prior, eta, H, pd_ok, s):
+    r"""The curvature used for proposals and posterior covariances: the exact Hessian where it
+    is PD, else the Gauss-Newton one; eigenvalues reflected ($|\lambda|$) and floored at
+    `EIG_FLOOR` x the largest. Returns `(w, V)` with the matrix $V \mathrm{diag}(w) V^T$."""
+    _, Hgn = problem.grad_and_gn(params, prior, eta, s)
+    Hc = jnp.where(pd_ok, H, Hgn)
+    w, V = jnp.linalg.eigh(0.5 * (Hc + Hc.T))
+    aw = jnp.abs(w)
+    return jnp.maximum(aw, EIG_FLOOR * jnp.max(aw)), V
+
+
+@eqx.filter_jit
+def _posterior_cov_static(problem, params, prior, subj, eta, H, pd_ok):
+    def one(e, h, ok, s):
+        w, V = _curvature(problem, params, prior, e, h, ok, s)
+        return (V / w[None, :]) @ V.T
+
+    return jax.vmap(one)(eta, H, pd_ok, subj)
+
+
+def _posterior(problem, params, prior, subj):
+    """Modes and covariances (Laplace where PD, else the floored GN curvature's inverse)."""
+    res, pd_ok = _modes(problem, params, prior, subj)
+    if pd_ok.all():
+        return res.eta, np.asarray(res.hess_inv), pd_ok
+    cov = _posterior_cov_static(problem, params, prior, subj, jnp.asarray(res.eta),
+                                jnp.asarray(res.hessian), jnp.asarray(pd_ok))  # fmt: skip
+    return res.eta, np.asarray(cov), pd_ok
+
+
+@eqx.filter_jit
+def _evaluate_static(problem, params, prior, subj, key, n_is, df, eta, H, f, pd_ok):
+    n = sum(problem.sizes)
+    S = subj[0].records.time.shape[0]
     keys = jax.random.split(key, S)
 
-    def one(mode, H, s, k):
+    def one(s, k, mode, Hm, fm, ok):
         nobs = problem.n_obs(s)
         const = -0.5 * nobs * LOG_2PI
         fe = lambda e: problem.f(params, prior, e, s)
-        Hs = 0.5 * (H + H.T)
-        w, V = jnp.linalg.eigh(Hs)
-        pd_ok = jnp.all(w > 0)
+        w = jnp.linalg.eigvalsh(0.5 * (Hm + Hm.T))
         logdet = jnp.sum(jnp.log(jnp.where(w > 0, w, 1.0)))
-        ll_lap = -fe(mode) + 0.5 * n * LOG_2PI - 0.5 * logdet + const
-        ll_lap = jnp.where(pd_ok, ll_lap, jnp.nan)
-        # Proposal: multivariate t(df) with scale = Laplace covariance (eigenvalues floored).
-        wf = jnp.maximum(w, 1e-8 * jnp.max(jnp.abs(w)))
+        ll_lap = -fm + 0.5 * n * LOG_2PI - 0.5 * logdet + const
+        ll_lap = jnp.where(ok, ll_lap, jnp.nan)
+        # Proposal: multivariate t(df) around the mode with scale = inverse curvature.
+        wf, V = _curvature(problem, params, prior, mode, Hm, ok, s)
         Lc = V / jnp.sqrt(wf)[None, :]
         kz, kg = jax.random.split(k)
         z = jax.random.normal(kz, (n_is, n))
         g = jax.random.gamma(kg, df / 2, (n_is,)) / (df / 2)
         u = z / jnp.sqrt(g)[:, None]
-        eta = mode + u @ Lc.T
+        draws = mode + u @ Lc.T
         logdet_scale = -0.5 * jnp.sum(jnp.log(wf))
         q = (
             jax.scipy.special.gammaln((df + n) / 2)
@@ -241,19 +317,23 @@ def _evaluate_static(problem, params, prior, subj, key, n_is, df):
             - logdet_scale
             - 0.5 * (df + n) * jnp.log1p(jnp.sum(u**2, axis=1) / df)
         )
-        logw = -jax.vmap(fe)(eta) + const - q
+        logw = -jax.vmap(fe)(draws) + const - q
         logw = jnp.where(jnp.isfinite(logw), logw, -jnp.inf)
         ll_is = jax.scipy.special.logsumexp(logw) - jnp.log(n_is)
         wn = jnp.exp(logw - jnp.max(logw))
         ess = jnp.sum(wn) ** 2 / jnp.sum(wn**2)
         return ll_lap, ll_is, ess
 
-    ll_lap, ll_is, ess = jax.vmap(one)(res.eta, res.hessian, subj, keys)
-    return ll_lap, ll_is, ess, res.converged
+    return jax.vmap(one)(subj, keys, eta, H, f, pd_ok)
 
 
 def _evaluate(problem, params, prior, subj, key, n_is, df):
-    return _evaluate_static(problem, params, prior, subj, key, int(n_is), float(df))
+    res, pd_ok = _modes(problem, params, prior, subj)
+    ll_lap, ll_is, ess = _evaluate_static(
+        problem, params, prior, subj, key, int(n_is), float(df),
+        jnp.asarray(res.eta), jnp.asarray(res.hessian), jnp.asarray(res.f), jnp.asarray(pd_ok),
+    )  # fmt: skip
+    return ll_lap, ll_is, ess, res.converged, pd_ok
 
 
 def join(
@@ -283,11 +363,13 @@ def join(
     k_s, k_f = jax.random.split(key)
     if not isinstance(prior, str):
         return JointModel(list(fits), prior, "custom")
-    samples, _, _ = posterior_samples(fits, n_samples, key=k_s, target=target)
+    samples, modes, _ = posterior_samples(fits, n_samples, key=k_s, target=target)
     if prior == "gaussian":
         return JointModel(list(fits), fit_gaussian(samples), "gaussian")
     if prior == "flow":
-        dist, losses = fit_flow(samples, key=k_f, **flow_options)
+        # Grouped by subject: the flow's validation split keeps each subject's draws together.
+        grouped = jnp.reshape(samples, (modes.shape[0], -1, modes.shape[1]))
+        dist, losses = fit_flow(grouped, key=k_f, **flow_options)
         return JointModel(list(fits), dist, "flow", losses)
     raise ValueError(f"prior must be 'gaussian', 'flow' or a prior object, got {prior!r}")
 

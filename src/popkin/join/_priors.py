@@ -33,17 +33,32 @@ def fit_flow(
     """A coupling normalizing flow fitted by maximum likelihood (flowjax `fit_to_data`), with a
     validation split and early stopping. Samples are standardised first and the affine map is
     folded back in, so `log_prob` is on the original scale. `transformer`: "affine" or
-    "spline" (rational quadratic). Returns `(flow, losses)`."""
+    "spline" (rational quadratic). Returns `(flow, losses)`.
+
+    `samples`: `(n, d)`, or `(n_subjects, n_draws, d)` posterior draws grouped by subject; then
+    the validation split is by subject (a subject's draws are all on one side, so early
+    stopping sees overfitting to the training subjects) and `batch_size` counts draws
+    (batches hold `batch_size // n_draws` subjects, at least one)."""
     from flowjax.bijections import Affine, RationalQuadraticSpline
     from flowjax.distributions import Normal, Transformed
     from flowjax.flows import coupling_flow
     from flowjax.train import fit_to_data
 
     x = jnp.asarray(samples, float)
-    m = x.mean(0)
-    s = x.std(0) + 1e-12
+    if x.ndim not in (2, 3):
+        raise ValueError(f"samples must be (n, d) or (n_subjects, n_draws, d), got {x.shape}")
+    flat = x.reshape(-1, x.shape[-1])
+    m = flat.mean(0)
+    s = flat.std(0) + 1e-12
     z = (x - m) / s
-    dim = x.shape[1]
+    dim = x.shape[-1]
+    n_val = max(1, int(round(val_prop * z.shape[0])))
+    if x.ndim == 3:
+        # Batches of whole subjects; never larger than the validation set (flowjax drops
+        # truncated batches, an empty validation pass would divide by zero).
+        batch_size = max(1, min(batch_size // x.shape[1], n_val, z.shape[0] - n_val))
+    else:
+        batch_size = max(1, min(batch_size, n_val, z.shape[0] - n_val))
     k_init, k_fit = jax.random.split(key)
     tr = Affine() if transformer == "affine" else RationalQuadraticSpline(knots=8, interval=5.0)
     if dim == 1:
