@@ -5,6 +5,8 @@ amortized in-context PK models. Float64 is switched on at import (NLME objective
 """
 
 from . import _config  # noqa: F401  (enables float64 before any array is made)
+from . import parallel as parallel
+from ._io import FileFormatError as FileFormatError
 from .data import DataError as DataError
 from .data import Population as Population
 from .data import datasets as datasets
@@ -32,9 +34,12 @@ from .models import additive as additive
 from .models import combined as combined
 from .models import exponential as exponential
 from .models import proportional as proportional
+from .nlme import BootstrapResult as BootstrapResult
 from .nlme import Fit as Fit
 from .nlme import FitStatus as FitStatus
+from .nlme import bootstrap as bootstrap
 from .nlme import fit as fit
+from .nlme import load_bootstrap as load_bootstrap
 from .nlme import load_fit as load_fit
 from .params import ModelParams as ModelParams
 from .params import default_params as default_params

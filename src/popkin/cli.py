@@ -123,9 +123,10 @@ def simulate(
         params = load_fit(fit_file, model=m).params if fit_file else None
         pop = read_nonmem(design)
         df = run_sim(m, pop, params, key=jax.random.key(seed), n_replicates=replicates)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        df.to_csv(tmp, index=False)
-        tmp.replace(out)
+        from ._io import atomic_path
+
+        with atomic_path(out) as tmp:  # no partial CSV on an error or Ctrl-C
+            df.to_csv(tmp, index=False)
         console.print(f"wrote {len(df)} rows to [bold]{out}[/]")
     except Exception as e:  # noqa: BLE001
         _fail(e)
@@ -322,6 +323,77 @@ def report(
             path = run_report(obj, out, n_sim=n_sim, seed=seed, dv_unit=dv_unit,
                               time_unit=time_unit, progress=lambda m: st.update(m))  # fmt: skip
         console.print(f"wrote [bold]{path}[/]")
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+
+
+# -- bootstrap (self-contained block) -----------------------------------------------------------
+
+
+@app.command()
+def bootstrap(
+    model: str = typer.Argument(..., help="Built-in model name or a Python file defining one."),
+    data: Path = typer.Argument(..., help="NONMEM-style CSV the model is fitted to."),
+    n: int = typer.Option(200, "--n", help="Number of bootstrap replicates."),
+    seed: int = typer.Option(0, help="Random seed (which subjects each replicate draws)."),
+    scheduler: str = typer.Option(
+        None,
+        help="Dask scheduler address (tcp://host:8786); 'serial' runs in this process; "
+        "default: a local cluster of --workers processes.",
+    ),
+    workers: int = typer.Option(2, help="Workers of the local cluster (when no --scheduler)."),
+    method: str = typer.Option("focei", help="fo | foce | focei | laplace"),
+    fit_file: Path = typer.Option(None, "--fit", help="Start from a saved fit instead of fitting."),
+    level: float = typer.Option(0.95, help="Confidence level of the percentile intervals."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to save the replicates (JSON)."),
+    table: Path = typer.Option(None, help="Also write the intervals as CSV here."),
+    model_class: str = typer.Option(None, help="Model class name when the file has several."),
+):
+    """Nonparametric case bootstrap: percentile CIs and the share of failed replicates.
+
+    Example: `popkin bootstrap theophylline theo.csv --n 200 --seed 0 -o boot.json`
+    """
+    try:
+        import sys as _sys
+
+        from ._io import atomic_path
+        from .data._reader import read_nonmem
+        from .nlme import bootstrap as run_bootstrap
+        from .nlme import fit as run_fit
+        from .nlme import load_fit
+        from .parallel import SERIAL
+        from .parallel import client as make_client
+
+        if n < 1:
+            raise ValueError(f"--n must be >= 1, got {n}")
+        if not 0 < level < 1:
+            raise ValueError(f"--level must be in (0, 1), got {level}")
+        m = load_model(model, model_class)
+        mod = _sys.modules.get(type(m).__module__)
+        if scheduler != SERIAL and mod and mod.__name__.startswith("popkin_user_model_"):
+            import cloudpickle
+
+            cloudpickle.register_pickle_by_value(mod)  # workers cannot import a model file
+        if fit_file is not None:
+            base = load_fit(fit_file, model=m)
+        else:
+            pop = read_nonmem(data)
+            console.print(f"{pop}")
+            base = run_fit(m, pop, method, covariance=None, progress=True)
+            console.print(f"original fit: OFV {base.ofv:.4f}, status {base.status.name}")
+        if scheduler == SERIAL:
+            res = run_bootstrap(base, n, seed=seed, scheduler=SERIAL)
+        else:
+            with make_client(scheduler, n_workers=workers) as c:
+                console.print(f"dask: {c}")
+                res = run_bootstrap(base, n, seed=seed, client=c)
+        console.print(res.summary(level))
+        res.save(out)
+        console.print(f"saved {res.n} replicates to [bold]{out}[/]")
+        if table is not None:
+            with atomic_path(table) as tmp:
+                res.ci(level).to_csv(tmp, index=False)
+            console.print(f"wrote intervals to [bold]{table}[/]")
     except Exception as e:  # noqa: BLE001
         _fail(e)
 

@@ -82,6 +82,8 @@ _DEFAULTS: dict[str, float] = {
     "LIMIT": -math.inf,
     "DVID": 1.0,
 }
+#: Largest ADDL accepted: every additional dose becomes an entry of the dose arrays.
+MAX_ADDL = 100_000
 _INT_COLUMNS = ("EVID", "MDV", "CMT", "ADDL", "SS", "CENS")
 _MISSING_TOKENS = ("", ".", "NA", "NaN", "nan", "NULL", "null")
 
@@ -179,9 +181,15 @@ def _load(source) -> tuple[pd.DataFrame, str, str | None]:
         raise TypeError(f"source must be a path or a pandas DataFrame, got {type(source)!r}")
     path = str(Path(source))
     try:
-        df = pd.read_csv(path, na_values=["."], skipinitialspace=True)
+        df = pd.read_csv(path, na_values=["."], skipinitialspace=True, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
         raise DataError([Problem(None, None, "the file is empty (no header)")], path) from None
+    except UnicodeDecodeError as e:
+        msg = f"not a UTF-8 text (CSV) file: byte {e.start} cannot be decoded"
+        raise DataError([Problem(None, None, msg)], path) from None
+    except pd.errors.ParserError as e:  # ragged rows, an unclosed quote, ...
+        msg = f"not a well-formed CSV table: {str(e).strip()}"
+        raise DataError([Problem(None, None, msg)], path) from None
     return df, path, path
 
 
@@ -369,6 +377,11 @@ def read_nonmem(
         ~np.isfinite(addl) | (addl < 0) | (addl != np.round(addl)),
         "ADDL",
         lambda i: f"ADDL must be a non-negative integer, found {_fmt(addl[i])}",
+    )
+    pc.add_rows(
+        np.isfinite(addl) & (addl > MAX_ADDL),
+        "ADDL",
+        lambda i: f"ADDL must be <= {MAX_ADDL} (each dose is expanded), found {_fmt(addl[i])}",
     )
     pc.add_rows(
         ~np.isin(ss, [0.0, 1.0, 2.0]), "SS", lambda i: f"SS must be 0, 1 or 2, found {_fmt(ss[i])}"
@@ -697,7 +710,7 @@ def read_nonmem(
 
     # --- canonical table -------------------------------------------------------------------
     table = pd.DataFrame({"ID": pd.Series(list(ids), dtype=object)})
-    if all(isinstance(v, int) for v in ids):
+    if all(isinstance(v, int) and -(2**63) <= v < 2**63 for v in ids):
         table["ID"] = table["ID"].astype(np.int64)
     table["TIME"] = time
     table["DV"] = np.where(dv_given, dv, np.nan)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from .._io import FileFormatError, atomic_write
 from ..data._population import Population
 from ..models._model import Model
 from ..params import ModelParams
@@ -310,38 +311,51 @@ class Fit:
             "table": {c: table[c].tolist() for c in table.columns},
             "source": self.population.info.source,
         }
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(doc))
-        tmp.replace(path)  # atomic: no partial file on interruption
+        text = json.dumps(doc)
+        with atomic_write(path) as fh:  # no partial file on an error or Ctrl-C
+            fh.write(text)
         return path
 
 
 def load_fit(path, model: Model | None = None) -> Fit:
-    """Load a fit written by `Fit.save`. Pass `model` when its class cannot be imported."""
-    from ..data._reader import read_nonmem
+    """Load a fit written by `Fit.save`. Pass `model` when its class cannot be imported.
 
+    Raises `popkin.FileFormatError` (a `ValueError` naming the file) when the file is missing,
+    truncated, corrupted or not a popkin fit.
+    """
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable popkin fit file ({e})") from None
+        raise FileFormatError(path, f"not a readable popkin fit file ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != "popkin-fit":
-        raise ValueError(f"{path}: not a popkin fit file (missing 'format': 'popkin-fit')")
+        raise FileFormatError(path, "not a popkin fit file (missing 'format': 'popkin-fit')")
     required = ("model", "method", "u_hat", "params", "ofv", "eta", "eta_cov", "status", "table")
     missing = [k for k in required if k not in doc]
     if missing:
-        raise ValueError(f"{path}: fit file is truncated or corrupted (missing {missing})")
+        raise FileFormatError(path, f"fit file is truncated or corrupted (missing {missing})")
     if model is None:
-        mod, _, qual = doc["model"].partition(":")
+        mod, _, qual = str(doc["model"]).partition(":")
         try:
             obj = importlib.import_module(mod)
             for part in qual.split("."):
                 obj = getattr(obj, part)
             model = obj()
         except Exception as e:
-            raise ValueError(
-                f"{path}: cannot import model {doc['model']} ({e}); pass model= to load_fit"
+            raise FileFormatError(
+                path, f"cannot import model {doc['model']} ({e}); pass model= to load_fit"
             ) from None
+    try:
+        return _fit_from_doc(doc, model)
+    except Exception as e:  # any malformed field: one clear error naming the file
+        raise FileFormatError(
+            path, f"fit file is corrupted ({type(e).__name__}: {e})".rstrip()
+        ) from None
+
+
+def _fit_from_doc(doc: dict, model: Model) -> Fit:
+    from ..data._reader import read_nonmem
+
     table = pd.DataFrame(doc["table"])
     population = read_nonmem(table)
     population = Population(
@@ -354,26 +368,30 @@ def load_fit(path, model: Model | None = None) -> Fit:
             source=doc.get("source"),
         ),
     )
+    n, k = population.n_subjects, len(model.eta_names)
+    u_hat = np.asarray(doc["u_hat"], float)
+    params = ModelParams.from_dict(doc["params"])
+    names = set(model.theta.init_natural())
+    if set(params.theta) != names:
+        raise ValueError(f"thetas {sorted(params.theta)} do not match the model's {sorted(names)}")
     return Fit(
         model=model,
         population=population,
-        method=doc["method"],
-        params=ModelParams.from_dict(doc["params"]),
-        u_hat=np.asarray(doc["u_hat"], float),
+        method=str(doc["method"]),
+        params=params,
+        u_hat=u_hat,
         ofv=float(doc["ofv"]),
         ofv_subjects=np.asarray(doc.get("ofv_subjects", []), float),
-        eta=np.asarray(doc["eta"], float).reshape(population.n_subjects, -1),
-        eta_cov=np.asarray(doc["eta_cov"], float).reshape(
-            population.n_subjects, len(model.eta_names), len(model.eta_names)
-        ),
+        eta=np.asarray(doc["eta"], float).reshape(n, k),
+        eta_cov=np.asarray(doc["eta_cov"], float).reshape(n, k, k),
         eta_converged=np.asarray(doc.get("eta_converged", []), bool),
         status=FitStatus[doc["status"]],
-        messages=list(doc.get("messages", [])),
+        messages=[str(m) for m in doc.get("messages", [])],
         cov_u=None if doc.get("cov_u") is None else np.asarray(doc["cov_u"], float),
         covariance=doc.get("covariance"),
         estimate_omega=bool(doc.get("estimate_omega", True)),
         n_evaluations=int(doc.get("n_evaluations", 0)),
-        history=list(doc.get("history", [])),
+        history=[float(h) for h in doc.get("history", [])],
         seconds=float(doc.get("seconds", 0.0)),
     )
 
