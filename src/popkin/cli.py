@@ -240,7 +240,10 @@ def evaluate(
     Example: `popkin evaluate joined.json pk_test.csv pd_test.csv -o heldout.csv`
     """
     try:
+        import warnings
+
         import jax
+        import numpy as np
         import pandas as pd
 
         from .data._reader import read_nonmem
@@ -254,21 +257,32 @@ def evaluate(
         pops = [read_nonmem(p) for p in heldout]
         key = jax.random.key(seed)
         with console.status("evaluating the held-out marginal likelihood ..."):
-            lj = joint.log_likelihood(pops, n_is=n_is, key=key)
-            li = joint.log_likelihood(pops, joint.independent, n_is=n_is, key=key)
+            with warnings.catch_warnings():  # reported below, per prior, as one line
+                warnings.simplefilter("ignore", RuntimeWarning)
+                lj = joint.log_likelihood(pops, n_is=n_is, key=key)
+                li = joint.log_likelihood(pops, joint.independent, n_is=n_is, key=key)
         res = pd.DataFrame({"ID": lj["ID"], "ll_joint_laplace": lj["ll_laplace"],
                             "ll_joint_is": lj["ll_is"], "ll_indep_laplace": li["ll_laplace"],
                             "ll_indep_is": li["ll_is"], "ess_joint": lj["ess"],
                             "converged": lj["converged"] & li["converged"]})  # fmt: skip
+        res["laplace_defined"] = np.isfinite(res["ll_joint_laplace"]) & np.isfinite(
+            res["ll_indep_laplace"]
+        )
         res["dll_laplace"] = res["ll_joint_laplace"] - res["ll_indep_laplace"]
         res["dll_is"] = res["ll_joint_is"] - res["ll_indep_is"]
         n = len(res)
         for col, name in [("laplace", "Laplace"), ("is", f"IS ({n_is} draws)")]:
-            d = res[f"dll_{col}"]
-            se = d.std(ddof=1) * n**0.5 if n > 1 else float("nan")
-            console.print(f"ΔLL {name}: {d.sum():.2f} ± {se:.2f} nats over {n} subjects "
-                          f"(joint {res[f'll_joint_{col}'].sum():.2f}, independent "
-                          f"{res[f'll_indep_{col}'].sum():.2f})")  # fmt: skip
+            ok = res["laplace_defined"] if col == "laplace" else np.isfinite(res["dll_is"])
+            d = res.loc[ok, f"dll_{col}"]
+            m = len(d)
+            se = d.std(ddof=1) * m**0.5 if m > 1 else float("nan")
+            console.print(f"ΔLL {name}: {d.sum():.2f} ± {se:.2f} nats over {m} subjects "
+                          f"(joint {res.loc[ok, f'll_joint_{col}'].sum():.2f}, independent "
+                          f"{res.loc[ok, f'll_indep_{col}'].sum():.2f})")  # fmt: skip
+            if m < n:
+                console.print(f"[yellow]warning:[/] {name} undefined for {n - m} of {n} "
+                              "subjects (non-PD Hessian at the mode); they are left out of "
+                              "this sum and are NaN in the CSV")  # fmt: skip
         bad = int((~res["converged"]).sum())
         if bad:
             console.print(f"[yellow]warning:[/] mode search did not converge for {bad} subjects")
