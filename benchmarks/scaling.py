@@ -14,6 +14,10 @@ each worker (that warm-up is reported as `cluster_warmup_s`: start-up plus compi
 cluster is `LocalCluster(n_workers=2, threads_per_worker=1, processes=True)`. The results of the
 two paths are checked to be identical. The machine is shared; the load average is recorded at
 the start and end. Run: `.venv/bin/python benchmarks/scaling.py [--n-boot 200] [--n-fits 8]`.
+
+Workers import popkin when they start, after this process did: run from a tree nobody is
+editing (the committed results ran from `git archive HEAD` with `PYTHONPATH` pointing at it and
+`POPKIN_BENCH_CODE` naming it, recorded as `code` in the JSON).
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ def main(argv=None) -> int:
             a.ofv == b.ofv and np.array_equal(a.u_hat, b.u_hat)
             for a, b in zip(ser, par, strict=True)
         )
+        diff = max(float(np.max(np.abs(a.u_hat - b.u_hat))) for a, b in zip(ser, par, strict=True))
         rows.append(
             dict(
                 task=f"endpoint_fits_{args.n_fits}",
@@ -89,6 +94,7 @@ def main(argv=None) -> int:
                 cluster_s=t_par,
                 ratio=t_ser / t_par,
                 identical=same,
+                max_abs_diff=diff,
                 statuses=sorted({f.status.name for f in ser}),
             )
         )
@@ -102,6 +108,7 @@ def main(argv=None) -> int:
         bp = popkin.bootstrap(ref, args.n_boot, seed=0, client=c, progress=False)
         t_par = time.perf_counter() - t0
         same = np.array_equal(bs.estimates, bp.estimates, equal_nan=True) and bs.status == bp.status
+        diff = float(np.nanmax(np.abs(bs.estimates - bp.estimates)))
         rows.append(
             dict(
                 task=f"bootstrap_{args.n_boot}",
@@ -110,6 +117,7 @@ def main(argv=None) -> int:
                 cluster_s=t_par,
                 ratio=t_ser / t_par,
                 identical=same,
+                max_abs_diff=diff,
                 failed_share=bp.failed_share,
             )
         )
@@ -117,6 +125,7 @@ def main(argv=None) -> int:
     ci = bp.ci(0.95)
     load_end = os.getloadavg()
     doc = {
+        "code": os.environ.get("POPKIN_BENCH_CODE", "working tree"),
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
@@ -146,13 +155,13 @@ def _markdown(doc: dict) -> str:
         f"Machine: {m['cpus']} CPUs, {m['platform']}; load average {m['loadavg_start']} (start)"
         f" / {m['loadavg_end']} (end); the machine is shared with other jobs.",
         "",
-        "| task | serial (s) | cluster (s) | ratio | results identical |",
-        "|---|---|---|---|---|",
+        "| task | serial (s) | cluster (s) | ratio | results identical | max abs difference |",
+        "|---|---|---|---|---|---|",
     ]
     for r in doc["rows"]:
         lines.append(
             f"| {r['task']} | {r['serial_s']:.1f} | {r['cluster_s']:.1f} | {r['ratio']:.2f} | "
-            f"{'yes' if r['identical'] else 'no'} |"
+            f"{'yes' if r['identical'] else 'no'} | {r['max_abs_diff']:.2g} |"
         )
     boot = next(r for r in doc["rows"] if r["task"].startswith("bootstrap"))
     lines += [
