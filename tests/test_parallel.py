@@ -3,6 +3,7 @@ and the case bootstrap (resampling, intervals, failures, save/load)."""
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import jax
@@ -26,17 +27,33 @@ def linear_data(seed: int, n: int = 20) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["ID", "TIME", "DV"])
 
 
+def _warm_up(_=None):
+    """Compile the fit and a 2-replicate simulation of `LinearEndpoint` in this process."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        f = popkin.fit(LinearEndpoint(), linear_data(0))
+    popkin.simulate(f.model, f.population, key=jax.random.key(0), n_replicates=2)
+    return f
+
+
 @pytest.fixture(scope="module")
 def dask_client():
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
     with popkin.parallel.client(n_workers=2, threads_per_worker=1) as c:
+        # Compile on both workers while this process compiles the same programs (saves time
+        # on free cores; the tests below compare warm results).
+        workers = list(c.scheduler_info()["workers"])
+        warm = [c.submit(_warm_up, w, workers=[w], pure=False) for w in workers]
+        _warm_up()
+        c.gather(warm)
         yield c
 
 
 @pytest.fixture(scope="module")
-def base_fit():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return popkin.fit(LinearEndpoint(), linear_data(0))
+def base_fit(dask_client):
+    return _warm_up()
 
 
 def test_cluster_shape_and_worker_float64(dask_client):
