@@ -33,27 +33,40 @@ def _prior(params: ModelParams, fixed_prior):
     return fixed_prior if fixed_prior is not None else Gaussian(params.omega)
 
 
-@eqx.filter_jit
 def _modes(problem: SubjectProblem, estimate_omega: bool, u, eta0, subjects, fixed_prior):
-    """Modes of all subjects (vmapped) at the unconstrained parameters `u`."""
+    """Modes of all subjects (vmapped) at the unconstrained parameters `u`.
+
+    Two starts per subject, the warm start `eta0` and zero, keeping the lower inner objective:
+    models with several local modes (e.g. flip-flop absorption) otherwise make the objective
+    depend on the path of the outer optimiser. When `eta0` is all zero the second start is the
+    same as the first and is skipped. The choice is made here, outside the compiled program,
+    so that each variant is compiled only when used.
+    """
+    two = bool(np.any(np.asarray(eta0) != 0))
+    return _modes_jit(problem, estimate_omega, u, eta0, subjects, fixed_prior, two)
+
+
+@eqx.filter_jit
+def _modes_jit(problem, estimate_omega, u, eta0, subjects, fixed_prior, two_starts: bool):
     params = _unpack(problem, estimate_omega, u)
     prior = _prior(params, fixed_prior)
-    # Two starts per subject, the warm start and zero; keep the lower inner objective. Models
-    # with several local modes (e.g. flip-flop absorption) otherwise make the objective depend
-    # on the path of the outer optimiser.
-    one = jax.vmap(lambda e, s: find_mode(problem, params, prior, e, s))
-
-    def two_starts(eta0):
-        a, b = one(eta0, subjects), one(jnp.zeros_like(eta0), subjects)
-        fa = jnp.where(jnp.isfinite(a.f), a.f, jnp.inf)
-        fb = jnp.where(jnp.isfinite(b.f), b.f, jnp.inf)
-        use_b = fb < fa
-        return jax.tree.map(
-            lambda x, y: jnp.where(use_b.reshape((-1,) + (1,) * (x.ndim - 1)), y, x), a, b
-        )
-
-    # The second start is the same as the first when the warm start is zero: skip it then.
-    return jax.lax.cond(jnp.any(eta0 != 0), two_starts, lambda e: one(e, subjects), eta0)
+    if not two_starts:
+        # `check_start` (restart from zero where f(eta0) is not finite) is moot at zero.
+        one = lambda e, s: find_mode(problem, params, prior, e, s, check_start=False)
+        return jax.vmap(one)(eta0, subjects)
+    # Both starts in one batch of 2n problems: `find_mode` is traced (and compiled) once.
+    n = eta0.shape[0]
+    both = jax.vmap(lambda e, s: find_mode(problem, params, prior, e, s))(
+        jnp.concatenate([eta0, jnp.zeros_like(eta0)]),
+        jax.tree.map(lambda x: jnp.concatenate([x, x]), subjects),
+    )
+    a, b = jax.tree.map(lambda x: x[:n], both), jax.tree.map(lambda x: x[n:], both)
+    fa = jnp.where(jnp.isfinite(a.f), a.f, jnp.inf)
+    fb = jnp.where(jnp.isfinite(b.f), b.f, jnp.inf)
+    use_b = fb < fa
+    return jax.tree.map(
+        lambda x, y: jnp.where(use_b.reshape((-1,) + (1,) * (x.ndim - 1)), y, x), a, b
+    )
 
 
 def _unpack(problem: SubjectProblem, estimate_omega: bool, u) -> ModelParams:

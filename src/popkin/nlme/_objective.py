@@ -31,6 +31,15 @@ LOG_2PI = float(jnp.log(2 * jnp.pi))
 METHODS = ("fo", "foce", "focei", "laplace")
 
 
+def _terms(loc, ls, y, rec):
+    """Per-record negative log-likelihood terms from (loc, log scale, g(y)); 0 if unobserved."""
+    z = (y - loc) / jnp.exp(ls)
+    dens = 0.5 * z**2 + ls
+    cens = jnp.where(rec.cens == 1, -log_ndtr(z), -log_ndtr(-z))
+    term = jnp.where(rec.cens == 0, dens, cens)
+    return jnp.where(rec.obs, term, 0.0)
+
+
 class SubjectProblem:
     """Closures of one model for one method; all functions are per subject and vmappable.
 
@@ -68,14 +77,7 @@ class SubjectProblem:
     def data_terms(self, params, eta, subj, ls0=None):
         """Per-record negative log-likelihood terms (0 where not observed)."""
         loc, ls, y = self.loc_logscale(params, eta, subj)
-        if ls0 is not None:
-            ls = ls0
-        rec = subj.records
-        z = (y - loc) / jnp.exp(ls)
-        dens = 0.5 * z**2 + ls
-        cens = jnp.where(rec.cens == 1, -log_ndtr(z), -log_ndtr(-z))
-        term = jnp.where(rec.cens == 0, dens, cens)
-        return jnp.where(rec.obs, term, 0.0)
+        return _terms(loc, ls if ls0 is None else ls0, y, subj.records)
 
     def f(self, params, prior, eta, subj, ls0=None):
         """Inner objective `f_i(eta)` (scalar)."""
@@ -88,8 +90,15 @@ class SubjectProblem:
         Hp = jax.hessian(prior.log_prob)(eta)
         return g - gp, H - Hp
 
-    def data_grad_and_gn(self, params, eta, subj, ls0=None):
-        """Gradient and Gauss-Newton curvature of the data part of `f` (no prior)."""
+    def value_grad_and_gn(self, params, prior, eta, subj, ls0=None):
+        """`f`, its gradient and its Gauss-Newton curvature from one forward-mode pass."""
+        v, g, H = self.data_grad_and_gn(params, eta, subj, ls0, value=True)
+        lp, gp = jax.value_and_grad(prior.log_prob)(eta)
+        return v - lp, g - gp, H - jax.hessian(prior.log_prob)(eta)
+
+    def data_grad_and_gn(self, params, eta, subj, ls0=None, value=False):
+        """Gradient and Gauss-Newton curvature of the data part of `f` (no prior); with
+        `value=True` also the data part itself, first."""
 
         def outs(e):
             loc, ls, y = self.loc_logscale(params, e, subj)
@@ -120,6 +129,8 @@ class SubjectProblem:
         wl = wl + jnp.where(cen, d2c_dz2 / scale**2, 0.0)
         g = Jl.T @ gl + Js.T @ gs
         H = (Jl * wl[:, None]).T @ Jl + (Js * ws[:, None]).T @ Js
+        if value:
+            return jnp.sum(_terms(loc, ls, y, rec)), g, H
         return g, H
 
     def exact_hessian(self, params, prior, eta, subj, ls0=None):
