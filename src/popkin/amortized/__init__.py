@@ -1,0 +1,1 @@
+"""Amortized in-context PK models: synthetic prior, in-context forecaster, training, API."""
