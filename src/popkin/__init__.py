@@ -5,8 +5,11 @@ amortized in-context PK models. Float64 is switched on at import (NLME objective
 """
 
 from . import _config  # noqa: F401  (enables float64 before any array is made)
+from . import amortized as amortized
 from . import parallel as parallel
 from ._io import FileFormatError as FileFormatError
+from .amortized import forecast as forecast
+from .amortized import generate as generate
 from .data import DataError as DataError
 from .data import Population as Population
 from .data import datasets as datasets
