@@ -6,9 +6,9 @@ every subject pays for the slowest, an iteration costs one batched evaluation):
 1. Gauss-Newton: at a trial point $\eta + a d$ one forward-mode pass gives $f$, $\nabla f$
    and the Gauss-Newton curvature $H_{GN}$; the step is accepted by the Armijo test (with a
    rounding allowance of a few ulps of $f$), else $a$ shrinks by safeguarded quadratic
-   interpolation. It ends converged, or hands over after slow steps (rejected, damped, or
+   interpolation. It ends converged, or hands over after slow accepted steps (damped, or
    contracting $\max|\nabla f|$ by less than 2x): two in a row near the mode or with a tiny
-   decrease of $f$, four anywhere (large-residual subjects, where $H_{GN}$ misses the residual
+   decrease of $f$, four where $\max|\nabla f| < \max(1, |f|)$ (large-residual subjects, where $H_{GN}$ misses the residual
    term).
 2. Newton with a lazily refreshed exact Hessian: the exact $H$ (forward over forward, which
    also gives $f$ and $\nabla f$) is computed at the current point and reused for chord steps
@@ -102,7 +102,7 @@ def find_mode(
     gtol: float = 1e-2,
     newton_iter: int = 10,
     newton_gtol: float = 1e-9,
-    max_hessians: int = 6,
+    max_hessians: int = 10,
     hess_xtol: float = 1e-6,
     check_start: bool = True,
 ) -> ModeResult:
@@ -123,7 +123,7 @@ def find_mode(
     else:
         gn = lambda e: vgg(params, prior, e, subj, ls0)
     scale = lambda f: jnp.maximum(1.0, jnp.abs(jnp.where(jnp.isfinite(f), f, 1.0)))
-    amin = 1e-6
+    amin = 1e-10
 
     if check_start:
         bad = ~jnp.isfinite(fun(eta0))
@@ -146,12 +146,16 @@ def find_mode(
         a = jnp.where(ok, 1.0, _shrink(a, f, ft, slope))
         d = jnp.where(ok, -_solve_pd(H_new, g_new), d)
         gm, gm_old = _gmax(g_new), _gmax(g)
-        # Slow: rejected, damped, or contracting the gradient < 2x (GN curvature is poor).
-        slow = jnp.where(~ok | (c["a"] < 1.0) | (gm > 0.5 * gm_old), c["slow"] + 1, 0)
+        # Slow: an accepted step that was damped or contracted the gradient < 2x (the GN
+        # curvature is poor); rejected trial points only shrink the step.
+        slow_step = (c["a"] < 1.0) | (gm > 0.5 * gm_old)
+        slow = jnp.where(ok, jnp.where(slow_step, c["slow"] + 1, 0), c["slow"])
         near = gm < gtol * scale(f_new)
         tiny = (f - f_new) < 1e-6 * scale(f)
         conv = gm < newton_gtol * scale(f_new)
-        stop = conv | ((slow >= 2) & (near | tiny)) | (slow >= 4) | (a < amin)
+        stop = (
+            conv | ((slow >= 2) & (near | tiny)) | ((slow >= 4) & (gm < scale(f_new))) | (a < amin)
+        )
         return dict(
             eta=eta, f=f_new, g=g_new, H=H_new, d=d, a=a, k=c["k"] + 1, slow=slow, stop=stop
         )
@@ -162,7 +166,7 @@ def find_mode(
 
     # -- phase 2: Newton, exact Hessian refreshed lazily, chord steps in between -----------
     def chord_cond(s):
-        return ~s["conv"] & ~s["slow"] & (s["i"] < newton_iter) & (s["a"] >= amin)
+        return ~s["conv"] & ~s["slow"] & (s["acc"] < newton_iter) & (s["a"] >= amin)
 
     def chord_body(s):
         eta, f, g, d, a, H = s["eta"], s["f"], s["g"], s["d"], s["a"], s["H"]
@@ -199,7 +203,7 @@ def find_mode(
         moved = _gmax(z["eta"] - eta)
         # A fresh Hessian cannot help when no step was accepted, or when the only accepted
         # step, tiny, did not contract the gradient (the noise floor of an ODE solution).
-        stuck = ~z["conv"] & ((z["acc"] == 0) | ((z["acc"] == 1) & (moved <= hess_xtol)))
+        stuck = ~z["conv"] & ((z["a"] < amin) | ((z["acc"] == 1) & (moved <= hess_xtol)))
         done = (z["conv"] & (moved <= hess_xtol)) | stuck | ~jnp.isfinite(z["f"])
         return dict(
             eta=z["eta"],
