@@ -412,5 +412,110 @@ def bootstrap(
         _fail(e)
 
 
+# -- amortized in-context models ------------------------------------------------------------
+
+
+def _times(spec: str) -> list[float]:
+    """'0.5,1,2' or 'start:stop:n' (n evenly spaced times, both ends included)."""
+    import numpy as np
+
+    try:
+        if ":" in spec:
+            a, b, n = spec.split(":")
+            return [float(x) for x in np.linspace(float(a), float(b), int(n))]
+        return [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--times {spec!r}: expected '0.5,1,2' or 'start:stop:n'") from None
+
+
+@app.command()
+def pretrain(
+    config: Path = typer.Argument(..., help="Training config (JSON or TOML), e.g. the shipped "
+                                  "src/popkin/amortized/configs/small.json."),  # fmt: skip
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder (resumed if present)."),
+    max_minutes: float = typer.Option(None, help="Stop (checkpointed) after this many minutes."),
+):
+    """Pre-train the in-context PK model on the synthetic prior, with checkpoints and resume.
+
+    Example: `popkin pretrain small.json -o runs/small --max-minutes 60` (run it again to resume).
+    """
+    try:
+        from .amortized import TrainConfig, train
+
+        cfg = TrainConfig.load(config)  # the model and data are float32 throughout
+        _, log = train(cfg, out, max_seconds=None if max_minutes is None else 60 * max_minutes)
+        last = log[-1] if log else {}
+        console.print(f"step {last.get('step', 0)}/{cfg.steps}, loss {last.get('loss', float('nan')):.4f}; "
+                      f"checkpoint in [bold]{out}[/]")  # fmt: skip
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+
+
+@app.command()
+def forecast(
+    context: Path = typer.Argument(..., help="NONMEM CSV of the study's other individuals."),
+    target: Path = typer.Argument(..., help="NONMEM CSV of the new individual: doses + early samples."),
+    times: str = typer.Option(..., help="Forecast times: '1,2,4' or 'start:stop:n' (h)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output CSV (TIME, PRED, LO90..HI90)."),
+    model: str = typer.Option("small", help="Shipped checkpoint name or a checkpoint folder."),
+    decoder: str = typer.Option("attention", help="attention | physics"),
+    png: Path = typer.Option(None, help="Also draw the forecast band to this PNG."),
+    seed: int = typer.Option(0, help="Random seed of the Monte Carlo draws."),
+):
+    """Zero-shot forecast of a new individual from the study context, in one forward pass.
+
+    Example: `popkin forecast others.csv new.csv --times 0:24:49 -o forecast.csv --png f.png`
+    """
+    try:
+        from ._io import atomic_path
+        from .amortized import forecast as run_forecast
+        from .data._reader import read_nonmem
+
+        tgt = read_nonmem(target)
+        df = run_forecast(read_nonmem(context), tgt, _times(times), model=model, decoder=decoder, seed=seed)
+        with atomic_path(out) as tmp:
+            df.to_csv(tmp, index=False)
+        console.print(f"wrote {len(df)} forecast times to [bold]{out}[/]")
+        if png is not None:
+            from .diagnostics import forecast_band
+
+            obs = tgt.table[tgt.table.EVID == 0]
+            fig = forecast_band(df.TIME, df.PRED, df.LO90, df.HI90, observed=(obs.TIME, obs.DV))
+            with atomic_path(png) as tmp:
+                fig.savefig(tmp, dpi=120, format="png")
+            console.print(f"wrote [bold]{png}[/]")
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+
+
+@app.command()
+def generate(
+    context: Path = typer.Argument(..., help="NONMEM CSV of the study (the context)."),
+    dosing: Path = typer.Argument(..., help="NONMEM CSV with the dose rows of the new regimen."),
+    n: int = typer.Option(50, help="Number of virtual individuals."),
+    times: str = typer.Option(..., help="Sampling times: '1,2,4' or 'start:stop:n' (h)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output CSV (ID, TIME, DV, PRED)."),
+    model: str = typer.Option("small", help="Shipped checkpoint name or a checkpoint folder."),
+    decoder: str = typer.Option("attention", help="attention | physics"),
+    seed: int = typer.Option(0, help="Random seed."),
+):
+    """Virtual individuals for a study context under a (possibly new) dosing regimen.
+
+    Example: `popkin generate theo.csv bid.csv --n 100 --times 0:48:97 -o cohort.csv`
+    """
+    try:
+        from ._io import atomic_path
+        from .amortized import generate as run_generate
+        from .data._reader import read_nonmem
+
+        df = run_generate(read_nonmem(context), read_nonmem(dosing), n, _times(times), model=model,
+                          decoder=decoder, seed=seed)  # fmt: skip
+        with atomic_path(out) as tmp:
+            df.to_csv(tmp, index=False)
+        console.print(f"wrote {n} virtual individuals ({len(df)} rows) to [bold]{out}[/]")
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+
+
 def main():  # pragma: no cover
     app()

@@ -49,11 +49,54 @@ def run_demo(out, *, seed: int = 0, console=None) -> list[Path]:
     files += [out / "simulated.csv", out / "observed_vs_simulated.png"]
     join_files, joint, join_table = _join_demo(out, seed=seed, say=say)
     files += join_files
-    files.append(_report(out, f, joint, join_table, seed=seed, say=say))
+    amortized_files, amortized_sections = _amortized_demo(out, seed=seed, say=say)
+    files += amortized_files
+    files.append(_report(out, f, joint, join_table, seed=seed, say=say, extra=amortized_sections))
     return files
 
 
-def _report(out: Path, f, joint, join_table, *, seed: int, say) -> Path:
+def _amortized_demo(out: Path, *, seed: int, say) -> tuple[list[Path], list]:
+    """Zero-shot forecast of theophylline subject 1 from the 11 others and its first four
+    samples, and a virtual cohort under a regimen the context never saw (4 doses every 12 h)."""
+    import numpy as np
+
+    from . import datasets
+    from .amortized import forecast, generate
+    from .diagnostics import forecast_band
+
+    say("zero-shot forecast with the shipped in-context model (one forward pass) ...")
+    table = datasets.theophylline_table()
+    target = table[table.ID == 1]
+    obs = target[(target.EVID == 0) & (target.TIME > 0)]
+    early, later = obs.iloc[:4], obs.iloc[4:]
+    given = target[(target.EVID == 1) | target.index.isin(early.index)]
+    times = np.linspace(0.0, 25.0, 101)
+    fc = forecast(table[table.ID != 1], given, times, seed=seed)
+    fig = forecast_band(fc.TIME, fc.PRED, fc.LO90, fc.HI90, observed=(early.TIME, early.DV),
+                        future=(later.TIME, later.DV), dv_unit="mg/L", label="in-context forecast",
+                        title="Theophylline subject 1: zero-shot forecast from 4 early samples",
+                        path=out / "forecast_theophylline.png")  # fmt: skip
+    say("virtual cohort: 100 individuals, 4 doses every 12 h (context: single dose) ...")
+    dose = target[target.EVID == 1].iloc[0]
+    regimen = table.iloc[:0].reindex(range(4)).assign(
+        ID=1, TIME=[0.0, 12.0, 24.0, 36.0], AMT=float(dose.AMT), EVID=1, MDV=1, CMT=1,
+        DV=np.nan, WT=float(dose.WT),
+    )  # fmt: skip
+    t_cohort = np.linspace(0.0, 60.0, 121)
+    cohort = generate(table, regimen, 100, t_cohort, decoder="physics", seed=seed)
+    wide = cohort.pivot(index="ID", columns="TIME", values="DV").to_numpy()
+    q05, q50, q95 = np.percentile(wide, [5, 50, 95], axis=0)
+    fig2 = forecast_band(t_cohort, q50, q05, q95, dv_unit="mg/L", label="virtual cohort median",
+                         title="Theophylline: 100 generated individuals, 4 doses every 12 h (90% band)",
+                         path=out / "virtual_cohort.png")  # fmt: skip
+    cohort.to_csv(out / "virtual_cohort.csv", index=False)
+    files = [out / "forecast_theophylline.png", out / "virtual_cohort.png", out / "virtual_cohort.csv"]
+    sections = [("Zero-shot forecast (in-context model, theophylline subject 1)", fig),
+                ("Virtual cohort under a new regimen (in-context model)", fig2)]  # fmt: skip
+    return files, sections
+
+
+def _report(out: Path, f, joint, join_table, *, seed: int, say, extra=()) -> Path:
     """`out/report.html`: the theophylline fit's report plus the joining study's sections."""
     from .diagnostics import eta_pairs
     from .report import report
@@ -63,6 +106,7 @@ def _report(out: Path, f, joint, join_table, *, seed: int, say) -> Path:
         ("Joining: held-out log-likelihood (two biomarkers, 60 test subjects)", join_table),
         ("Joining: EBEs of the independent fits and the joined Gaussian prior",
          eta_pairs(joint, seed=seed)),
+        *extra,
     ]  # fmt: skip
     return report(f, out / "report.html", extra_sections=extra, seed=seed, dv_unit="mg/L",
                   title="popkin demo: theophylline (FOCE-I) and a two-biomarker join")  # fmt: skip

@@ -50,7 +50,7 @@ def load_model(name: str = "small") -> InContextPK:
 
 
 def _draws(model, study: Studies, target, obs_mask_target, query_t, key, n_samples, decoder,
-           use_obs: bool = True):  # fmt: skip
+           use_obs: bool = True, prior_from=None):  # fmt: skip
     """Samples of (mu, log y) at query_t for the target of one normalised (unbatched) study."""
     n = study.ind_mask.shape[0]
     idx = jnp.arange(n)
@@ -60,7 +60,11 @@ def _draws(model, study: Studies, target, obs_mask_target, query_t, key, n_sampl
     mu_s, ls_s = model.study_posterior(h, context)
     tgt = _ind(study, target)
     tgt = dict(tgt, obs_mask=obs_mask_target if use_obs else jnp.zeros_like(obs_mask_target))
-    h_e = model.encode_individual(tgt)
+    if prior_from is None:
+        h_e = model.encode_individual(tgt)
+    else:  # p(z_i | z_s) under the design of context individual `prior_from` (no samples)
+        ref = _ind(study, prior_from)
+        h_e = model.encode_individual(dict(ref, obs_mask=jnp.zeros_like(ref["obs_mask"])))
 
     def draw(k):
         k1, k2, k3 = jax.random.split(k, 3)
@@ -152,7 +156,9 @@ def generate(context, dosing, n: int, times, *, model: str | InContextPK = "smal
     """`n` virtual individuals of the context's study under `dosing` (dose rows of one subject).
 
     Each virtual individual draws z_s ~ q(z_s | context), z_i ~ p(z_i | z_s) and a residual
-    error; returns a long DataFrame (ID, TIME, DV, PRED) with PRED the individual's noise-free
+    error. p(z_i | z_s) is read under the study's own design (a context individual's dosing
+    with no samples), so a regimen the context never saw changes the doses, not who the
+    individuals are (linear PK); the new regimen enters through the decoder; returns a long DataFrame (ID, TIME, DV, PRED) with PRED the individual's noise-free
     prediction exp(mu) and DV the sampled observation.
     """
     if decoder not in DECODERS:
@@ -170,7 +176,7 @@ def generate(context, dosing, n: int, times, *, model: str | InContextPK = "smal
         {
             "ID": np.repeat(np.arange(1, n + 1), len(times)),
             "TIME": np.tile(times, n),
-            "DV": c * np.exp(np.asarray(y, float)).ravel(),
+            "DV": c * np.exp(np.minimum(np.asarray(y, float), 50.0)).ravel(),
             "PRED": c * np.exp(np.asarray(m, float)).ravel(),
         }
     )
@@ -179,7 +185,8 @@ def generate(context, dosing, n: int, times, *, model: str | InContextPK = "smal
 @eqx.filter_jit
 def _generate(model, study, target, t, key, n: int, decoder: str):
     mask = study.obs_mask[target]
-    return _draws(model, study, target, mask, t, key, n, decoder, use_obs=False)
+    ref = jnp.argmax(study.ind_mask & (jnp.arange(study.ind_mask.shape[0]) != target))
+    return _draws(model, study, target, mask, t, key, n, decoder, use_obs=False, prior_from=ref)
 
 
 __all__ = ["forecast", "generate", "load_model", "predict_normalised", "Scales"]
