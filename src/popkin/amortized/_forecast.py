@@ -118,6 +118,19 @@ def _combine(context, target) -> tuple[Studies, int]:
     return from_population(pop), target_index
 
 
+def _prepare(context, target, times, model, decoder):
+    """(model, normalised study, target index, normalised times, concentration scale C_s)."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    net = load_model(model) if isinstance(model, str) else model
+    studies, index = _combine(context, target)
+    context_mask = studies.ind_mask & (jnp.arange(studies.ind_mask.shape[1]) != index)[None]
+    scales = study_scales(studies, context_mask)
+    norm = normalise(studies, scales).take(0)
+    t = jnp.asarray(np.asarray(times, np.float32)) / scales.time[0]
+    return net, norm, index, t, float(scales.conc[0])
+
+
 def forecast(context, target_early, times, *, model: str | InContextPK = "small",
              decoder: str = "attention", n_samples: int = 200, seed: int = 0) -> pd.DataFrame:  # fmt: skip
     """Zero-shot forecast of one new individual of a study.
@@ -128,17 +141,9 @@ def forecast(context, target_early, times, *, model: str | InContextPK = "small"
     Returns a DataFrame: TIME, PRED (predictive geometric mean), and 50 % / 90 % interval
     bounds LO50, HI50, LO90, HI90, in the table's concentration unit.
     """
-    if decoder not in DECODERS:
-        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
-    net = load_model(model) if isinstance(model, str) else model
-    studies, target = _combine(context, target_early)
-    context_mask = studies.ind_mask & (jnp.arange(studies.ind_mask.shape[1]) != target)[None]
-    scales = study_scales(studies, context_mask)
-    norm = normalise(studies, scales).take(0)
-    t = jnp.asarray(np.asarray(times, np.float32)) / scales.time[0]
+    net, norm, target, t, c = _prepare(context, target_early, times, model, decoder)
     mean, q = predict_normalised(net, norm, jnp.int32(target), norm.obs_mask[target], t,
                                  jax.random.PRNGKey(seed), n_samples, decoder)  # fmt: skip
-    c = float(scales.conc[0])
     return pd.DataFrame(
         {
             "TIME": np.asarray(times, float),
@@ -158,19 +163,11 @@ def generate(context, dosing, n: int, times, *, model: str | InContextPK = "smal
     Each virtual individual draws z_s ~ q(z_s | context), z_i ~ p(z_i | z_s) and a residual
     error. p(z_i | z_s) is read under the study's own design (a context individual's dosing
     with no samples), so a regimen the context never saw changes the doses, not who the
-    individuals are (linear PK); the new regimen enters through the decoder; returns a long DataFrame (ID, TIME, DV, PRED) with PRED the individual's noise-free
-    prediction exp(mu) and DV the sampled observation.
+    individuals are (linear PK); the new regimen enters through the decoder. Returns a long
+    DataFrame (ID, TIME, DV, PRED): PRED the noise-free prediction exp(mu) C_s, DV sampled.
     """
-    if decoder not in DECODERS:
-        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
-    net = load_model(model) if isinstance(model, str) else model
-    studies, target = _combine(context, dosing)
-    context_mask = studies.ind_mask & (jnp.arange(studies.ind_mask.shape[1]) != target)[None]
-    scales = study_scales(studies, context_mask)
-    norm = normalise(studies, scales).take(0)
-    t = jnp.asarray(np.asarray(times, np.float32)) / scales.time[0]
+    net, norm, target, t, c = _prepare(context, dosing, times, model, decoder)
     m, y = _generate(net, norm, jnp.int32(target), t, jax.random.PRNGKey(seed), n, decoder)
-    c = float(scales.conc[0])
     times = np.asarray(times, float)
     return pd.DataFrame(
         {
