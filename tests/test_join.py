@@ -166,7 +166,8 @@ def test_saddle_of_prior_restarts_mode_search(fitted):
     proposal ~10^4 too wide, ESS ~ 1), the mode search restarts down the negative curvature
     and lands on one of the two symmetric modes. The exact marginal is the mixture of two
     Gaussian marginals of equal value, so a one-mode Laplace is exact up to log 2 (the other
-    mode's mass) and the one-mode Student-t proposal estimates the same quantity."""
+    mode's mass). Importance sampling around one mode is reliable only where its ESS is high
+    (then it matches the one-mode mass); elsewhere the small ESS must say so."""
     fits, _ = fitted
     mu = [float(f.params.theta["mu"]) for f in fits]
     # Endpoint A observed exactly at its typical value: zero gradient at eta = 0 by symmetry.
@@ -185,10 +186,20 @@ def test_saddle_of_prior_restarts_mode_search(fitted):
     exact = np.logaddexp(per[0], per[1]) + np.log(0.5)
     assert ll.laplace_defined.all()
     np.testing.assert_allclose(ll.ll_laplace, exact - np.log(2), atol=1e-6)
-    np.testing.assert_allclose(ll.ll_is, exact - np.log(2), atol=0.03)
-    assert (ll.ess > 1000).all()
+    # A one-mode Student-t proposal has full support, so IS targets the two-mode marginal; where
+    # its tails reach the other mode a few huge weights dominate. Such estimates must be flagged
+    # by a small ESS; where the ESS is high, IS agrees with the one-mode mass.
+    ess, ll_is, one_mode = ll.ess.to_numpy(), ll.ll_is.to_numpy(), exact - np.log(2)
+    good = ess > 1000
+    assert good.any()
+    np.testing.assert_allclose(ll_is[good], one_mode[good], atol=0.03)
+    assert (ess[~good] < 50).all(), ess
     eta, cov, _ = joint.posterior([a, b])
-    np.testing.assert_allclose(np.abs(eta[:, 0]), 1.0, atol=0.05)
+    # mode of eta_A under the nearer component N(+-a, sa^2) and two samples of A at its typical
+    # value (the other component's weight there is ~e^-30): the precision-weighted mean
+    sd_a = float(fits[0].params.sigma["sd"])
+    expected = (prior.a / prior.sa**2) / (1 / prior.sa**2 + 2 / sd_a**2)
+    np.testing.assert_allclose(np.abs(eta[:, 0]), expected, atol=1e-4)
     assert np.all(np.linalg.eigvalsh(cov) > 0)
 
 
@@ -229,5 +240,6 @@ def test_flow_validation_split_is_by_subject(fitted, monkeypatch):
     fits, _ = fitted
     joint = popkin.join(fits, "flow", key=jax.random.key(0), n_samples=20, max_epochs=5)
     assert seen["shape"] == (60, 20, 2)
-    assert seen["batch_size"] == 256 // 20
+    # whole subjects per batch (256 draws // 20), capped at the 6 validation subjects
+    assert seen["batch_size"] == min(256 // 20, 6)
     assert np.isfinite(joint.losses["val"]).all()
