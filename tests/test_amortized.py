@@ -231,3 +231,40 @@ def test_shipped_checkpoint_forecasts_theophylline():
     before = cohort[cohort.TIME == 1.0].PRED.to_numpy()
     after = cohort[cohort.TIME == 3.0].PRED.to_numpy()
     assert np.all(before < 1e-3 * after)
+
+
+_SHARD_SCRIPT = """
+import json, sys
+import equinox as eqx, jax, numpy as np
+import popkin
+from popkin.amortized import ModelConfig, TrainConfig, train
+assert len(jax.devices()) == 2
+cfg = TrainConfig(steps=3, batch=4, val_studies=0, checkpoint_every=100, warmup=1,
+                  model=ModelConfig(d_model=16, n_heads=2, n_layers=1, z_study=4, z_ind=4))
+m1, l1 = train(cfg, sys.argv[1] + "/one", resume=False, progress=False)
+m2, l2 = train(cfg, sys.argv[1] + "/two", resume=False, progress=False, data_parallel=True)
+leaves = zip(jax.tree.leaves(eqx.filter(m1, eqx.is_array)),
+             jax.tree.leaves(eqx.filter(m2, eqx.is_array)), strict=True)
+print(json.dumps({"one": [e["loss"] for e in l1], "two": [e["loss"] for e in l2],
+                  "maxdiff": max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                                 for a, b in leaves)}))
+"""
+
+
+@pytest.mark.slow  # a subprocess with two forced host devices compiles the step twice
+def test_data_parallel_training_matches_one_device(tmp_path):
+    """Batch sharded over 2 (forced host) devices: same losses and parameters as one device, up
+    to float32 summation order."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    script = tmp_path / "shard.py"
+    script.write_text(_SHARD_SCRIPT)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    res = json.loads(run.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(res["two"], res["one"], rtol=1e-5)
+    assert res["maxdiff"] < 1e-5

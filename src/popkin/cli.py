@@ -434,6 +434,7 @@ def pretrain(
                                   "src/popkin/amortized/configs/small.json."),  # fmt: skip
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder (resumed if present)."),
     max_minutes: float = typer.Option(None, help="Stop (checkpointed) after this many minutes."),
+    data_parallel: bool = typer.Option(False, help="Shard each batch over all local devices."),
 ):
     """Pre-train the in-context PK model on the synthetic prior, with checkpoints and resume.
 
@@ -443,7 +444,8 @@ def pretrain(
         from .amortized import TrainConfig, train
 
         cfg = TrainConfig.load(config)  # the model and data are float32 throughout
-        _, log = train(cfg, out, max_seconds=None if max_minutes is None else 60 * max_minutes)
+        _, log = train(cfg, out, max_seconds=None if max_minutes is None else 60 * max_minutes,
+                       data_parallel=data_parallel)  # fmt: skip
         last = log[-1] if log else {}
         console.print(f"step {last.get('step', 0)}/{cfg.steps}, loss {last.get('loss', float('nan')):.4f}; "
                       f"checkpoint in [bold]{out}[/]")  # fmt: skip

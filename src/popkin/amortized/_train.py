@@ -31,6 +31,7 @@ from pathlib import Path
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.scipy.special import log_ndtr
 
@@ -204,14 +205,33 @@ def init_model(cfg: TrainConfig) -> InContextPK:
     return InContextPK(cfg.model, jax.random.PRNGKey(cfg.seed))
 
 
-def _make_step(cfg: TrainConfig, optim):
+def data_mesh(devices=None):
+    """A 1-D device mesh ("data") over `devices` (default: all local devices)."""
+    from jax.sharding import Mesh
+
+    devs = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devs, ("data",))
+
+
+def _make_step(cfg: TrainConfig, optim, mesh=None):
+    """The jitted training step. With a `mesh`, the batch of studies is sharded along its
+    first axis over the mesh's devices (data parallel; parameters replicated), and XLA reduces
+    the gradient across devices: the same computation as on one device up to summation order."""
     data_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
+    if mesh is not None and cfg.batch % mesh.size:
+        raise ValueError(f"batch {cfg.batch} is not divisible by {mesh.size} devices")
 
     @eqx.filter_jit
     def step_fn(model, opt_state, step):
         key = jax.random.fold_in(data_key, step)
         k_data, k_loss = jax.random.split(key)
         studies = sample_studies(k_data, cfg.batch, cfg.prior)
+        if mesh is not None:
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            studies = jax.lax.with_sharding_constraint(
+                studies, NamedSharding(mesh, PartitionSpec("data"))
+            )
         (loss, parts), grads = eqx.filter_value_and_grad(batch_loss, has_aux=True)(
             model, studies, k_loss
         )
@@ -280,9 +300,11 @@ def load_checkpoint(path: str | Path, with_optimizer: bool = True):
 
 
 def train(cfg: TrainConfig, out: str | Path, *, resume: bool = True, progress: bool = True,
-          max_seconds: float | None = None):  # fmt: skip
+          max_seconds: float | None = None, data_parallel: bool = False):  # fmt: skip
     """Pre-train (or resume) into folder `out`; returns (model, log). Checkpoints every
-    `checkpoint_every` steps and at the end; stops early (checkpointed) after `max_seconds`."""
+    `checkpoint_every` steps and at the end; stops early (checkpointed) after `max_seconds`.
+    `data_parallel`: shard each batch over all local devices (JAX sharding; on CPU, test with
+    XLA_FLAGS=--xla_force_host_platform_device_count=2)."""
     out = Path(out)
     optim = make_optimizer(cfg)
     if resume and (out / "meta.json").exists():
@@ -295,7 +317,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = True, progress: b
         model = init_model(cfg)
         opt_state = optim.init(eqx.filter(model, eqx.is_array))
         start, log = 0, []
-    step_fn = _make_step(cfg, optim)
+    mesh = data_mesh() if data_parallel and len(jax.devices()) > 1 else None
+    step_fn = _make_step(cfg, optim, mesh)
     val = validation_set(cfg) if cfg.val_studies else None
     val_key = jax.random.PRNGKey(20_000 + cfg.seed)
     t0 = time.perf_counter()
