@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from popkin.cli import app
@@ -51,3 +52,17 @@ def test_bad_inputs_give_one_clear_message(tmp_path):
     (tmp_path / "cfg.json").write_text(json.dumps({"steps": 1, "bogus": 1}))
     r = runner.invoke(app, ["pretrain", str(tmp_path / "cfg.json"), "-o", str(tmp_path / "run")])
     assert r.exit_code == 2 and "bogus" in r.output
+
+
+@pytest.mark.slow  # compiles a (tiny) training step
+def test_pretrain_writes_a_checkpoint_and_resumes(tmp_path):
+    cfg = {"steps": 2, "batch": 2, "val_studies": 2, "val_every": 2, "checkpoint_every": 1,
+           "warmup": 1, "model": {"d_model": 8, "n_heads": 2, "n_layers": 1, "z_study": 2,
+                                  "z_ind": 2}}  # fmt: skip
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    r = runner.invoke(app, ["pretrain", str(tmp_path / "cfg.json"), "-o", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["step"] == 2 and (tmp_path / "run" / "state.eqx").stat().st_size > 0
+    r = runner.invoke(app, ["pretrain", str(tmp_path / "cfg.json"), "-o", str(tmp_path / "run")])
+    assert r.exit_code == 0 and "step 2/2" in r.output  # resumed: nothing left to do
