@@ -268,3 +268,23 @@ def test_data_parallel_training_matches_one_device(tmp_path):
     res = json.loads(run.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(res["two"], res["one"], rtol=1e-5)
     assert res["maxdiff"] < 1e-5
+
+
+def test_forecast_ignores_padding(prior_draw):
+    """Garbage in masked sample slots, masked doses and padded individuals changes nothing."""
+    model = init_model(TrainConfig(model=TINY))
+    study = prior_draw[1].take(slice(3, 4))
+    order = np.arange(study.ind_mask.shape[1])
+    m1, q1 = _forecast(model, study, order, 0)
+    junk = eqx.tree_at(
+        lambda s: (s.obs_y, s.obs_t, s.dose_amt, s.dose_t),
+        study,
+        (jnp.where(study.obs_mask, study.obs_y, 1e3), jnp.where(study.obs_mask, study.obs_t, 7.0),
+         jnp.where(study.dose_mask, study.dose_amt, 1e4), jnp.where(study.dose_mask, study.dose_t, 3.0)),
+    )  # fmt: skip
+    m2, q2 = _forecast(model, junk, order, 0)
+    real = np.asarray(study.obs_mask[0, 0])  # query slots that are real samples of the target
+    np.testing.assert_allclose(np.asarray(m1)[real], np.asarray(m2)[real], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(q1)[:, real], np.asarray(q2)[:, real], rtol=1e-5, atol=1e-5
+    )
