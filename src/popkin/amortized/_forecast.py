@@ -88,7 +88,11 @@ def predict_normalised(model, study: Studies, target, obs_mask_target, query_t, 
     """(E[mu], quantiles 5/25/75/95 % of log y) at normalised query times; unbatched study.
 
     `target` must be an array (a Python int would be a static argument: one compile each)."""
-    m, y = _draws(model, study, target, obs_mask_target, query_t, key, n_samples, decoder)
+    if isinstance(model, InContextPK):
+        m, y = _draws(model, study, target, obs_mask_target, query_t, key, n_samples, decoder)
+    else:  # other kinds (generator, baselines) draw predictive samples of log y themselves
+        y = model.predictive_samples(study, target, obs_mask_target, query_t, key, n_samples)
+        m = y
     q = jnp.quantile(y, jnp.array([0.05, 0.25, 0.75, 0.95], F32), axis=0)
     return jnp.mean(m, axis=0), q
 
@@ -182,6 +186,8 @@ def generate(context, dosing, n: int, times, *, model: str | InContextPK = "smal
 @eqx.filter_jit
 def _generate(model, study, target, t, key, n: int, decoder: str):
     mask = study.obs_mask[target]
+    if not isinstance(model, InContextPK):  # (noise-free log C, log y) of virtual individuals
+        return model.generate_samples(study, target, t, key, n)
     ref = jnp.argmax(study.ind_mask & (jnp.arange(study.ind_mask.shape[0]) != target))
     return _draws(model, study, target, mask, t, key, n, decoder, use_obs=False, prior_from=ref)
 

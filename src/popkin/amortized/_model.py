@@ -49,6 +49,7 @@ class ModelConfig:
     z_study: int = 16
     z_ind: int = 16
     use_study: bool = True  # False: ablation without z_s
+    kind: str = "incontext"  # which model `popkin.amortized._train.model_kinds` builds
 
     def to_dict(self) -> dict:
         return asdict(self)

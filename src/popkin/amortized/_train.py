@@ -184,7 +184,23 @@ def batch_loss(model, studies: Studies, key):
     loss, (la, lp) = jax.vmap(study_loss, in_axes=(None, 0, 0, 0, 0))(
         model, norm, target, n_early, keys
     )
-    return jnp.mean(loss), (jnp.mean(la), jnp.mean(lp))
+    return jnp.mean(loss), {"attention": jnp.mean(la), "physics": jnp.mean(lp)}
+
+
+def model_kinds() -> dict:
+    """kind -> (build(ModelConfig, key) -> module, loss(module, studies, key) -> (loss, parts)).
+
+    Every model pre-trained by `train` is one of these kinds (`ModelConfig.kind`); `loss`
+    takes a raw batch from the prior (un-normalised `Studies`) and returns the scalar loss
+    and a dict of named parts that the training log records (`loss_<name>`, `val_<name>`)."""
+    return {"incontext": (InContextPK, batch_loss)}
+
+
+def _kind(cfg: ModelConfig):
+    kinds = model_kinds()
+    if cfg.kind not in kinds:
+        raise ValueError(f"unknown model kind {cfg.kind!r}; expected one of {sorted(kinds)}")
+    return kinds[cfg.kind]
 
 
 # -- training loop ------------------------------------------------------------------------
@@ -201,8 +217,9 @@ def make_optimizer(cfg: TrainConfig):
     return optax.apply_if_finite(inner, max_consecutive_errors=50)
 
 
-def init_model(cfg: TrainConfig) -> InContextPK:
-    return InContextPK(cfg.model, jax.random.PRNGKey(cfg.seed))
+def init_model(cfg: TrainConfig):
+    """A freshly initialised model of the config's kind."""
+    return _kind(cfg.model)[0](cfg.model, jax.random.PRNGKey(cfg.seed))
 
 
 def data_mesh(devices=None):
@@ -221,6 +238,8 @@ def _make_step(cfg: TrainConfig, optim, mesh=None):
     if mesh is not None and cfg.batch % mesh.size:
         raise ValueError(f"batch {cfg.batch} is not divisible by {mesh.size} devices")
 
+    loss_fn = _kind(cfg.model)[1]
+
     @eqx.filter_jit
     def step_fn(model, opt_state, step):
         key = jax.random.fold_in(data_key, step)
@@ -232,7 +251,7 @@ def _make_step(cfg: TrainConfig, optim, mesh=None):
             studies = jax.lax.with_sharding_constraint(
                 studies, NamedSharding(mesh, PartitionSpec("data"))
             )
-        (loss, parts), grads = eqx.filter_value_and_grad(batch_loss, has_aux=True)(
+        (loss, parts), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(
             model, studies, k_loss
         )
         updates, opt_state = optim.update(grads, opt_state, eqx.filter(model, eqx.is_array))
@@ -249,7 +268,7 @@ def validation_set(cfg: TrainConfig) -> Studies:
 
 @eqx.filter_jit
 def _val_loss(model, studies, key):
-    return batch_loss(model, studies, key)
+    return _kind(model.config)[1](model, studies, key)
 
 
 def save_checkpoint(path: Path, model, opt_state, step: int, cfg: TrainConfig, log: list) -> None:
@@ -333,11 +352,12 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = True, progress: b
                 raise FloatingPointError(
                     f"{skipped} of {done} training steps had a non-finite loss or gradient"
                 )
-            entry = {"step": done, "loss": float(loss), "skipped": skipped, "loss_attention": float(parts[0]),
-                     "loss_physics": float(parts[1]), "seconds": time.perf_counter() - t0}  # fmt: skip
+            entry = {"step": done, "loss": float(loss), "skipped": skipped,
+                     **{f"loss_{k}": float(v) for k, v in parts.items()},
+                     "seconds": time.perf_counter() - t0}  # fmt: skip
             if val is not None and (done % cfg.val_every == 0 or done == cfg.steps):
-                vl, (va, vp) = _val_loss(model, val, val_key)
-                entry.update(val_loss=float(vl), val_attention=float(va), val_physics=float(vp))
+                vl, vparts = _val_loss(model, val, val_key)
+                entry.update(val_loss=float(vl), **{f"val_{k}": float(v) for k, v in vparts.items()})
             log.append(entry)
             if bar is not None:
                 bar.update(entry)
