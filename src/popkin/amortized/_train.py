@@ -357,7 +357,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = True, progress: b
                      "seconds": time.perf_counter() - t0}  # fmt: skip
             if val is not None and (done % cfg.val_every == 0 or done == cfg.steps):
                 vl, vparts = _val_loss(model, val, val_key)
-                entry.update(val_loss=float(vl), **{f"val_{k}": float(v) for k, v in vparts.items()})
+                entry.update(
+                    val_loss=float(vl), **{f"val_{k}": float(v) for k, v in vparts.items()}
+                )
             log.append(entry)
             if bar is not None:
                 bar.update(entry)
