@@ -37,6 +37,9 @@ from .models import additive as additive
 from .models import combined as combined
 from .models import exponential as exponential
 from .models import proportional as proportional
+from .nca import nca as nca
+from .nca import pk_reference as pk_reference
+from .nca import realism_check as realism_check
 from .nlme import BootstrapResult as BootstrapResult
 from .nlme import Fit as Fit
 from .nlme import FitStatus as FitStatus

@@ -2,6 +2,8 @@
 joined priors, simulated and forecast bands. Each returns a matplotlib Figure."""
 
 from ._etas import eta_pairs as eta_pairs
+from ._fidelity import classifier_auc as classifier_auc
+from ._fidelity import mmd as mmd
 from ._forecast import forecast_band as forecast_band
 from ._npde import npde as npde
 from ._npde import npde_plot as npde_plot
