@@ -305,12 +305,18 @@ def main(argv=None) -> int:
     flow_d = [delta(f) for f in flows]
     flow_med = sorted(flow_d)[len(flow_d) // 2]
     dj, sej = delta(ll_j)
+    # paired SE of (joint - gaussian): the same test subjects under both priors
+    pair = ll_j[["ID", "ll_laplace"]].merge(ll_g[["ID", "ll_laplace"]], on="ID", validate="1:1")
+    assert len(pair) == n_test
+    d_jg = (pair.ll_laplace_x - pair.ll_laplace_y).to_numpy()
+    se_joint_minus_gaussian = float(np.sqrt(len(d_jg)) * d_jg.std(ddof=1))
     rows = [{"prior": "independent", "dll": 0.0, "se": 0.0, "pct_of_joint": 0.0}]
     for name, (d, se) in [("flow", flow_med), ("gaussian", delta(ll_g)), ("joint", (dj, sej))]:
         rows.append({"prior": name, "dll": d, "se": se, "pct_of_joint": 100 * d / dj})
     result = {
         "rows": rows, "n_train": n_train, "n_test": n_test,
         "flow_seeds_dll": [d for d, _ in flow_d],
+        "joint_minus_gaussian": {"dll": float(d_jg.sum()), "se": se_joint_minus_gaussian},
         "seconds": time.perf_counter() - t0,
         "closed_form_vs_ode_max_rel_diff": cf_err,
         "ofv": {"pk": pk.ofv, **{e: f.ofv for e, f in zip(ENDPOINTS, fits, strict=True)},

@@ -330,7 +330,8 @@ def main(argv=None) -> int:
         type=Path,
         nargs="*",
         default=[],
-        help="realdata.json files from other runs whose rows are appended",
+        help="realdata.json files from other runs: their (compound, method) rows that this run "
+        "did not produce are appended (e.g. NLME rows from a run without --skip-nlme)",
     )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -424,12 +425,15 @@ def main(argv=None) -> int:
             log(f"synthetic {method}: {rows[-1]['log_rmse_mean']:.3f}")
             write()
 
-    for path in args.merge:  # runs split over processes: append their rows and ratios
+    for path in args.merge:  # runs split over processes: append the rows this run lacks
         other = json.loads(path.read_text())
-        rows += other["rows"]
-        ratio.update(other["speed_ratio_nlme_vs_amortized"])
-        nlme_info.update(other["nlme"])
-        notes += other["notes"]
+        have = {(r["compound"], r["method"]) for r in rows}
+        rows += [r for r in other["rows"] if (r["compound"], r["method"]) not in have]
+        for k, v in other["speed_ratio_nlme_vs_amortized"].items():
+            ratio.setdefault(k, v)
+        for k, v in other["nlme"].items():
+            nlme_info.setdefault(k, v)
+        notes += [n for n in other["notes"] if "not evaluated in this run" not in n]
 
     missing = [c for c in COMPOUNDS if c not in {r["compound"] for r in rows}]
     notes += [f"{c}: not evaluated in this run (ran out of time)" for c in missing]

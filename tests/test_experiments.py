@@ -62,6 +62,10 @@ def test_exp1_quick(tmp_path):
     rows = {r["prior"]: r for r in res["rows"]}
     assert rows["independent"]["dll"] == 0.0
     assert rows["gaussian"]["dll"] > 0
-    # "joint >= post-hoc Gaussian" up to Monte Carlo-free but finite-sample noise: one SE.
-    assert rows["joint"]["dll"] >= rows["gaussian"]["dll"] - rows["gaussian"]["se"]
+    # post-hoc Gaussian > independent: more than two SEs of the per-subject differences
+    assert rows["gaussian"]["dll"] > 2 * rows["gaussian"]["se"]
+    # joint >= post-hoc Gaussian: not worse by more than two paired SEs (the two priors are
+    # evaluated on the same test subjects; with 60 training subjects both Omegas are noisy)
+    jg = res["joint_minus_gaussian"]
+    assert jg["dll"] >= -2 * jg["se"]
     assert res["closed_form_vs_ode_max_rel_diff"] < 1e-5
