@@ -44,7 +44,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["nca", "lambda_z", "auc_linup_logdown", "realism_check", "pk_reference", "NCA_COLUMNS"]
+__all__ = [
+    "nca",
+    "nca_profile",
+    "lambda_z",
+    "auc_linup_logdown",
+    "realism_check",
+    "pk_reference",
+    "NCA_COLUMNS",
+]
 
 ROUTES = ("auto", "extravascular", "iv", "infusion")
 
@@ -159,7 +167,7 @@ def _one(t, c, cens, dose_times, dose_amts, dose_iis, route, which, *, min_point
             notes.append("no pre-dose sample: area starts at the first sample")
         elif route == "iv":
             p = np.flatnonzero(cc > 0)[:2]
-            if len(p) == 2 and cc[p[1]] < cc[p[0]]:
+            if len(p) == 2 and cc[p[1]] < cc[p[0]] and tt[p[1]] > tt[p[0]]:
                 slope = np.log(cc[p[1]] / cc[p[0]]) / (tt[p[1]] - tt[p[0]])
                 c0 = float(cc[p[0]] * math.exp(-slope * tt[p[0]]))
             else:
@@ -204,6 +212,29 @@ def _one(t, c, cens, dose_times, dose_amts, dose_iis, route, which, *, min_point
         if np.isfinite(lz):
             out["Vz"] = out["CL"] / lz
     return {**row, **out, "note": "; ".join(notes)}
+
+
+def nca_profile(t, c, dose_times, dose_amts, *, route: str, cens=None, ii=None,
+                interval: str = "last", min_points: int = 3, adj_r2_tol: float = 1e-4,
+                min_r2_adj: float = 0.9) -> dict:  # fmt: skip
+    """NCA of one profile given as arrays (times, concentrations, dose times and amounts); the
+    same summaries as one row of `nca` (without ID). `route`: "extravascular", "iv" or
+    "infusion"; `cens` BLQ flags; `ii` the doses' intervals (0 = not given)."""
+    if route not in ROUTES[1:]:
+        raise ValueError(f"route must be one of {ROUTES[1:]}, got {route!r}")
+    t, c = np.asarray(t, float), np.asarray(c, float)
+    order = np.argsort(t, kind="stable")
+    t, c = t[order], c[order]
+    cens = np.zeros(len(t), bool) if cens is None else np.asarray(cens, bool)[order]
+    dt, da = (
+        np.atleast_1d(np.asarray(dose_times, float)),
+        np.atleast_1d(np.asarray(dose_amts, float)),
+    )
+    if len(dt) == 0 or len(dt) != len(da):
+        raise ValueError("need at least one dose, with as many amounts as times")
+    ii = np.zeros(len(dt)) if ii is None else np.broadcast_to(np.asarray(ii, float), dt.shape)
+    return _one(t, c, cens, dt, da, ii, route, interval, min_points=min_points,
+                adj_r2_tol=adj_r2_tol, min_r2_adj=min_r2_adj)  # fmt: skip
 
 
 def _route_of(dose_cmt, rate, obs_cmts) -> str:

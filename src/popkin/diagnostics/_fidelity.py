@@ -105,14 +105,17 @@ _train_folds = jax.jit(
 )
 
 
-def classifier_auc(real, fake, key: Array, *, real_mask=None, fake_mask=None, folds: int = 5,
-                   hidden: int = 32, steps: int = 300, lr: float = 1e-2,
-                   weight_decay: float = 1e-3) -> float:  # fmt: skip
+def classifier_auc(real, fake, key: Array, *, real_mask=None, fake_mask=None, real_groups=None,
+                   fake_groups=None, folds: int = 5, hidden: int = 32, steps: int = 300,
+                   lr: float = 1e-2, weight_decay: float = 1e-3) -> float:  # fmt: skip
     """Cross-validated ROC AUC of a classifier telling `real` rows from `fake` rows.
 
     `real` (n_r, d), `fake` (n_f, d), optional boolean masks of the same shapes (False =
     padding). Stratified `folds`-fold split drawn with `key`; the AUC is the mean over folds
-    of the held-out rank AUC. Under identical distributions its expectation is 0.5 (a
+    of the held-out rank AUC. `real_groups` / `fake_groups` (one label per row) keep rows of a
+    group in the same fold: pass them when real and fake rows come in pairs (a generated row
+    made for an observed one's design), otherwise a held-out row's partner sits in the
+    training set with the other label and the held-out AUC drops below 0.5. Under identical distributions its expectation is 0.5 (a
     classifier cannot beat chance on held-out rows), its Monte-Carlo SD about
     sqrt((n_r + n_f + 1) / (12 n_r n_f)) per pooled fold set.
     """
@@ -126,9 +129,23 @@ def classifier_auc(real, fake, key: Array, *, real_mask=None, fake_mask=None, fo
     y = jnp.asarray(np.r_[np.ones(n_r), np.zeros(n_f)])
     kf, kt = jax.random.split(key)
     kr, kk = jax.random.split(kf)
-    fold = np.empty(n_r + n_f, int)  # stratified: each class spread evenly over folds
-    fold[:n_r] = np.asarray(jax.random.permutation(kr, n_r)) % folds
-    fold[n_r:] = np.asarray(jax.random.permutation(kk, n_f)) % folds
+    fold = np.empty(n_r + n_f, int)
+    if (real_groups is None) != (fake_groups is None):
+        raise ValueError("give both real_groups and fake_groups, or neither")
+    if real_groups is None:  # stratified: each class spread evenly over folds
+        fold[:n_r] = np.asarray(jax.random.permutation(kr, n_r)) % folds
+        fold[n_r:] = np.asarray(jax.random.permutation(kk, n_f)) % folds
+    else:
+        g = np.r_[np.asarray(real_groups), np.asarray(fake_groups)]
+        if len(g) != n_r + n_f:
+            raise ValueError("one group label per row of real and of fake is needed")
+        uniq, inv = np.unique(g, return_inverse=True)
+        if len(uniq) < folds:
+            raise ValueError(f"need at least {folds} groups, got {len(uniq)}")
+        fold = (np.asarray(jax.random.permutation(kr, len(uniq))) % folds)[inv]
+        for k in range(folds):
+            if not ((fold == k)[:n_r].any() and (fold == k)[n_r:].any()):
+                raise ValueError(f"fold {k} lacks a class: groups must hold real and fake rows")
     train = jnp.asarray(fold[None, :] != np.arange(folds)[:, None])
     logits = np.asarray(
         _train_folds(jax.random.split(kt, folds), x, y, train, hidden, steps, lr, weight_decay)
@@ -160,19 +177,30 @@ def _mmd2_from_kernel(k, is_x):
 
 
 @jax.jit
-def _mmd_perm(k, is_x, keys):
+def _mmd_perm(k, is_x, groups, keys):
+    """Observed MMD^2 and MMD^2 under label permutations within groups (one group: all)."""
     obs = _mmd2_from_kernel(k, is_x)
-    perms = jax.vmap(lambda kk: _mmd2_from_kernel(k, jax.random.permutation(kk, is_x)))(keys)
-    return obs, perms
+    base = jnp.argsort(groups, stable=True)  # rows by group, labels in that order
+    labels = is_x[base]
+
+    def perm(kk):
+        u = jax.random.uniform(kk, is_x.shape)
+        order = jnp.lexsort((u, groups))  # rows by group, random order inside each group
+        return _mmd2_from_kernel(k, jnp.zeros_like(is_x).at[order].set(labels))
+
+    return obs, jax.vmap(perm)(keys)
 
 
-def mmd(x, y, key: Array | None = None, *, x_mask=None, y_mask=None, n_perm: int = 500,
-        bandwidth: float | None = None) -> tuple[float, float]:  # fmt: skip
+def mmd(x, y, key: Array | None = None, *, x_mask=None, y_mask=None, x_groups=None,
+        y_groups=None, n_perm: int = 500, bandwidth: float | None = None) -> tuple[float, float]:  # fmt: skip
     """(unbiased squared MMD, permutation p-value) between samples x (n, d) and y (m, d).
 
     RBF kernel with bandwidth h = the median pairwise Euclidean distance of the pooled
     sample unless given. Features are standardised by the pooled mean and SD first (so no
-    unit dominates). `key` None gives p = NaN (no permutations).
+    unit dominates). `key` None gives p = NaN (no permutations). With `x_groups` / `y_groups`
+    (paired designs, as in `classifier_auc`) labels are permuted only within groups, the
+    null of exchangeability inside each pair; plain permutations would break the pairing
+    and make the test conservative.
     """
     a, b = _features(x, x_mask), _features(y, y_mask)
     if a.shape[1] != b.shape[1]:
@@ -193,6 +221,15 @@ def mmd(x, y, key: Array | None = None, *, x_mask=None, y_mask=None, n_perm: int
     is_x = jnp.asarray(np.r_[np.ones(len(a), bool), np.zeros(len(b), bool)])
     if key is None:
         return float(_mmd2_from_kernel(k, is_x)), float("nan")
-    obs, perms = _mmd_perm(k, is_x, jax.random.split(key, n_perm))
+    if (x_groups is None) != (y_groups is None):
+        raise ValueError("give both x_groups and y_groups, or neither")
+    if x_groups is None:
+        g = np.zeros(len(z), np.int64)
+    else:
+        g = np.r_[np.asarray(x_groups), np.asarray(y_groups)]
+        if len(g) != len(z):
+            raise ValueError("one group label per row of x and of y is needed")
+        g = np.unique(g, return_inverse=True)[1]
+    obs, perms = _mmd_perm(k, is_x, jnp.asarray(g), jax.random.split(key, n_perm))
     obs, perms = float(obs), np.asarray(perms)
     return obs, float((1 + np.sum(perms >= obs)) / (1 + n_perm))
