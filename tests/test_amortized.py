@@ -288,3 +288,29 @@ def test_forecast_ignores_padding(prior_draw):
     np.testing.assert_allclose(
         np.asarray(q1)[:, real], np.asarray(q2)[:, real], rtol=1e-5, atol=1e-5
     )
+
+
+def test_from_population_keeps_dosing_before_a_steady_state_reset():
+    """A mid-record SS=1 dose (as in the quinidine data) must not erase the doses that act on
+    earlier samples; the regimen is back-filled only in the gap after the previous dose."""
+    table = pd.DataFrame(
+        [
+            (1, 0.0, np.nan, 100.0, 1, 0, 0.0),
+            (1, 6.0, np.nan, 100.0, 1, 0, 0.0),
+            (1, 10.0, 2.0, 0.0, 0, 0, 0.0),  # a sample between the first doses and the reset
+            (1, 100.0, np.nan, 50.0, 1, 1, 8.0),  # SS reset, q8h
+            (1, 104.0, 1.0, 0.0, 0, 0, 0.0),
+            (1, 120.0, np.nan, 50.0, 1, 1, 8.0),  # SS again 20 h later: only 2 periods to fill
+            (1, 122.0, 1.0, 0.0, 0, 0, 0.0),
+        ],
+        columns=["ID", "TIME", "DV", "AMT", "EVID", "SS", "II"],
+    )
+    st = popkin.amortized.from_population(popkin.read_nonmem(table))
+    t = np.asarray(st.dose_t[0, 0])[np.asarray(st.dose_mask[0, 0])]
+    amt = np.asarray(st.dose_amt[0, 0])[np.asarray(st.dose_mask[0, 0])]
+    first = [0.0, 6.0]
+    fill1 = [100.0 - 8 * j for j in range(10, 0, -1)]  # 20..92, all after the dose at 6
+    fill2 = [104.0, 112.0]  # 120 - 8 j for j = 2, 1 (j >= 3 would reach back to <= 100)
+    np.testing.assert_allclose(t, first + fill1 + [100.0] + fill2 + [120.0])
+    np.testing.assert_allclose(amt, [100.0] * 2 + [50.0] * 14)
+    assert not bool(st.ss[0, 0])

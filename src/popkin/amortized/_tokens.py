@@ -163,9 +163,16 @@ def _assemble(obs_rows, dose_rows, pop, max_obs, max_doses) -> Studies:
         for k in range(len(dt)):
             if ssv[k] and k == 0:
                 first_ss[i], ii_first[i] = True, ii[k]
-            elif ssv[k]:  # reset to steady state: earlier doses no longer act
-                t_l, a_l, r_l, d_l = [], [], [], []
+            elif ssv[k]:
+                # A steady-state reset later in the record (NONMEM SS=1): one dose list cannot
+                # reset, so the regimen is taken to have run for up to 10 intervals before,
+                # filling only the gap after the previous dose. Earlier doses stay (samples
+                # before the reset keep their dosing; their residual after the reset is the
+                # approximation, small when the gap is long against the half-life).
+                prev = t_l[-1] if t_l else -np.inf
                 for j in range(10, 0, -1):
+                    if dt[k] - j * ii[k] <= prev + 1e-6:
+                        continue
                     t_l.append(dt[k] - j * ii[k])
                     a_l.append(amt[k])
                     r_l.append(route[k])
