@@ -4,6 +4,8 @@
 - `InContextPK`: encoder, study/individual latents, attention and physics decoders (`_model`).
 - `TrainConfig`, `train`, `load_checkpoint`: pre-training with exact resume (`_train`).
 - `forecast`, `generate`, `load_model`: zero-shot API on shipped checkpoints (`_forecast`).
+- `FlowGenerator`: flow-matching generator over PK parameter paths, kind "generator"
+  (`_generator`).
 - `evaluate_study`, `evaluate_population`: the leave-one-out real-data protocol (`_evaluate`).
 """
 
@@ -13,6 +15,7 @@ from ._evaluate import loo_targets as loo_targets
 from ._forecast import forecast as forecast
 from ._forecast import generate as generate
 from ._forecast import load_model as load_model
+from ._generator import FlowGenerator as FlowGenerator
 from ._model import InContextPK as InContextPK
 from ._model import ModelConfig as ModelConfig
 from ._pk import concentrations as concentrations

@@ -50,6 +50,12 @@ class ModelConfig:
     z_ind: int = 16
     use_study: bool = True  # False: ablation without z_s
     kind: str = "incontext"  # which model `popkin.amortized._train.model_kinds` builds
+    # flow-matching generator (kind "generator", `popkin.amortized._generator`)
+    flow_width: int = 128  # velocity-field MLP width
+    flow_depth: int = 3  # residual blocks of the velocity field
+    flow_steps: int = 8  # Heun steps of the sampling ODE
+    flow_pairs: int = 8  # (x0, t) pairs per target individual in the FM loss
+    flow_knots: int = 4  # OU knots of the parameter path (= PriorConfig.n_knots)
 
     def to_dict(self) -> dict:
         return asdict(self)

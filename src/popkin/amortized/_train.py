@@ -193,7 +193,10 @@ def model_kinds() -> dict:
     Every model pre-trained by `train` is one of these kinds (`ModelConfig.kind`); `loss`
     takes a raw batch from the prior (un-normalised `Studies`) and returns the scalar loss
     and a dict of named parts that the training log records (`loss_<name>`, `val_<name>`)."""
-    return {"incontext": (InContextPK, batch_loss)}
+    from popkin.amortized import _generator as gen
+
+    return {"incontext": (InContextPK, batch_loss),
+            "generator": (gen.FlowGenerator, gen.flow_batch_loss)}  # fmt: skip
 
 
 def _kind(cfg: ModelConfig):
