@@ -4,11 +4,15 @@
 - `InContextPK`: encoder, study/individual latents, attention and physics decoders (`_model`).
 - `TrainConfig`, `train`, `load_checkpoint`: pre-training with exact resume (`_train`).
 - `forecast`, `generate`, `load_model`: zero-shot API on shipped checkpoints (`_forecast`).
+- `PlainTransformer`, `LatentNeuralODE`: baselines of issue 6, kinds "transformer",
+  "neural_ode" of the same training loop and harness (`_baselines`).
 - `FlowGenerator`: flow-matching generator over PK parameter paths, kind "generator"
   (`_generator`).
 - `evaluate_study`, `evaluate_population`: the leave-one-out real-data protocol (`_evaluate`).
 """
 
+from ._baselines import LatentNeuralODE as LatentNeuralODE
+from ._baselines import PlainTransformer as PlainTransformer
 from ._evaluate import evaluate_population as evaluate_population
 from ._evaluate import evaluate_study as evaluate_study
 from ._evaluate import loo_targets as loo_targets

@@ -56,6 +56,7 @@ class ModelConfig:
     flow_steps: int = 8  # Heun steps of the sampling ODE
     flow_pairs: int = 8  # (x0, t) pairs per target individual in the FM loss
     flow_knots: int = 4  # OU knots of the parameter path (= PriorConfig.n_knots)
+    ode_steps: int = 2  # kind "neural_ode": fixed solver steps per interval
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -193,9 +193,12 @@ def model_kinds() -> dict:
     Every model pre-trained by `train` is one of these kinds (`ModelConfig.kind`); `loss`
     takes a raw batch from the prior (un-normalised `Studies`) and returns the scalar loss
     and a dict of named parts that the training log records (`loss_<name>`, `val_<name>`)."""
+    from popkin.amortized import _baselines as bl
     from popkin.amortized import _generator as gen
 
     return {"incontext": (InContextPK, batch_loss),
+            "transformer": (bl.PlainTransformer, bl.transformer_loss),
+            "neural_ode": (bl.LatentNeuralODE, bl.neural_ode_loss),
             "generator": (gen.FlowGenerator, gen.flow_batch_loss)}  # fmt: skip
 
 
