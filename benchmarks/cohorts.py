@@ -297,11 +297,24 @@ def synthetic(n_studies, net, decoder, model_name, key, log):
 
 # == output =======================================================================================
 def _fmt(v, nd=3):
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):  # missing
         return "–"
     if isinstance(v, float):
         return f"{v:.{nd}g}" if abs(v) >= 1000 or abs(v) < 0.001 and v != 0 else f"{v:.{nd}f}"
     return str(v)
+
+
+def clean(v):
+    """JSON-safe copy: non-finite floats become null."""
+    if isinstance(v, dict):
+        return {k: clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [clean(x) for x in v]
+    if isinstance(v, (float, np.floating)):
+        return float(v) if math.isfinite(v) else None
+    if isinstance(v, (np.integer, np.bool_)):
+        return v.item()
+    return v
 
 
 def write_md(out: dict) -> str:
@@ -379,7 +392,7 @@ def main(argv=None) -> int:
                      jax=jax.__version__, device=str(jax.devices()[0])),
     )  # fmt: skip
     stem = "cohorts_quick" if args.quick else "cohorts"
-    (out_dir / f"{stem}.json").write_text(json.dumps(out, indent=1, default=float))
+    (out_dir / f"{stem}.json").write_text(json.dumps(clean(out), indent=1))
     (out_dir / f"{stem}.md").write_text(write_md(out))
     print(write_md(out))
     return 0
