@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -318,6 +319,9 @@ def main(argv=None) -> int:
         "flow_seeds_dll": [d for d, _ in flow_d],
         "joint_minus_gaussian": {"dll": float(d_jg.sum()), "se": se_joint_minus_gaussian},
         "seconds": time.perf_counter() - t0,
+        # CPU time of this process (all threads): the wall time above depends on the load
+        "cpu_seconds": time.process_time(),
+        "loadavg_end": list(os.getloadavg()),
         "closed_form_vs_ode_max_rel_diff": cf_err,
         "ofv": {"pk": pk.ofv, **{e: f.ofv for e, f in zip(ENDPOINTS, fits, strict=True)},
                 "joint": jfit.ofv},
