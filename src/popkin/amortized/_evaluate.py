@@ -59,7 +59,7 @@ def evaluate_study(study: Studies, model="small", decoder: str = "attention", s:
         secs.append(time.perf_counter() - t0)
         q = np.asarray(q)
         keep = np.asarray(later)
-        ly = np.log(np.asarray(norm.obs_y[i]))[keep]
+        ly = np.log(np.maximum(np.asarray(norm.obs_y[i]), 1e-30))[keep]  # keep: y > 0
         rmse.append(float(np.sqrt(np.mean((mean[keep] - ly) ** 2))))
         c50.append(np.mean((ly >= q[1][keep]) & (ly <= q[2][keep])))
         c90.append(np.mean((ly >= q[0][keep]) & (ly <= q[3][keep])))
