@@ -21,7 +21,11 @@ Methods:
   residual error from the fitted error model. `seconds_per_study` is the wall time of both fits
   and the EBE for one held-out individual, warm (the first individual, which compiles, is left
   out of the mean and reported as `nlme.<compound>.first_seconds`).
-- synthetic: `sample_studies(PRNGKey(SEED), 100)` evaluated with `evaluate_study(..., s=k)`.
+- issue 6: the flow-matching generator ("generator_small": predictive samples from the flow
+  over individual PK parameter paths, decoded by exact physics) and the two baselines trained
+  by the same loop ("transformer_small", "neural_ode_small"), through the same harness.
+- synthetic: `sample_studies(PRNGKey(SEED), N)` (N = --n-synthetic) evaluated with
+  `evaluate_study(..., s=k)`.
 
 Run: `.venv/bin/python benchmarks/realdata.py [--compounds a,b] [--skip-nlme] [--n-synthetic N]`.
 """
@@ -61,6 +65,10 @@ AMORTIZED = [
     ("in-context (attention)", "small", "attention"),
     ("in-context (physics)", "small", "physics"),
     ("in-context, no z_s (attention)", "small_no_zs", "attention"),
+    # issue 6: the flow-matching generator and the two baselines (decoder argument unused)
+    ("generator (flow matching)", "generator_small", "attention"),
+    ("plain transformer", "transformer_small", "attention"),
+    ("latent neural ODE", "neural_ode_small", "attention"),
 ]
 PUBLISHED = {
     "source": "issue 5 'Targets' (PFF paper, same protocol)",
