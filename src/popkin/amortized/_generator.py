@@ -31,6 +31,9 @@ sampling time, which equals T_s (checked in the tests); for real data the same r
 Residual error: a head on the study encoding gives (s_p, s_a) of Var(log y) = s_p^2 +
 (s_a / C)^2 (normalised C), trained by the Gaussian (log Phi for BLQ) likelihood of every
 observed y given the *true* noise-free concentrations of the prior, added to the FM loss.
+Predictive draws add it as y = C exp(s_p e1) + s_a e2 (floored at s_a), which has that
+variance for C >> s_a and stays bounded as C -> 0; sampled standardised parameters are
+clipped to +-5 prior SDs (outside the prior's support).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ F32 = jnp.float32
 LAG_EPS = 1e-3  # lag / T_s offset inside the log (absent lag -> log 1e-3)
 Q_FLOOR = 1e-3  # absent compartment: Q = Q_FLOOR x CL, V = V1
 N_TIME_FREQ = 4
+Z_MAX = 5.0  # sampled standardised parameters are clipped to +-5 prior SDs
 # Standardisation of x1 (prior moments over 400 studies, `sample_studies(PRNGKey(1), 400)`,
 # in normalised units; rounded). Order: ka x K, CL x K, V1 x K, Q2, V2, Q3, V3, lag.
 _MU_SD = {
@@ -232,7 +236,8 @@ class FlowGenerator(eqx.Module):
     def sample_parameters(self, c: Array, key: PRNGKeyArray, n: int):
         """n draws of (theta (n, K, 7), lag (n,)) in normalised units."""
         mu, sd = _moments(self.config.flow_knots)
-        x = mu + sd * self.sample_standardised(c, key, n)
+        z = jnp.clip(self.sample_standardised(c, key, n), -Z_MAX, Z_MAX)
+        x = mu + sd * z
         return jax.vmap(lambda v: decode_vector(v, self.config.flow_knots))(x)
 
     def concentrations(self, theta, lag, ind: dict, t: Float[Array, " Q"]) -> Float[Array, " Q"]:
@@ -249,14 +254,17 @@ class FlowGenerator(eqx.Module):
         theta, lag = self.sample_parameters(c, k1, n)
         conc = jax.vmap(self.concentrations, (0, 0, None, None))(theta, lag, ind, t)
         s_p, s_a = self.error_sd(h_s)
-        sd = jnp.sqrt(s_p**2 + (s_a / jnp.maximum(conc, 1e-6)) ** 2)
+        e = jax.random.normal(k2, (2, *conc.shape), F32)
         m = jnp.log(conc)  # -inf where no drug has arrived (exactly zero concentration)
-        return m, m + sd * jax.random.normal(k2, m.shape, F32)
+        # the head's log-scale error, drawn as y = C exp(s_p e1) + s_a e2 (the linearised
+        # Var(log y) = s_p^2 + (s_a / C)^2 blows up as C -> 0); below s_a a draw is read as s_a
+        y = conc * jnp.exp(s_p * e[0]) + s_a * e[1]
+        return m, jnp.where(conc > 0, jnp.log(jnp.maximum(y, s_a)), -jnp.inf)
 
     # -- shared API (`popkin.amortized._forecast`) ------------------------------------------
     def predictive_samples(self, study, target, obs_mask_target, query_t, key, n: int):
         """[n, Q] samples of log(y / C_s) for the target given its early samples (a sample of
-        a zero concentration is reported at 1e-8 C_s, below any LLOQ)."""
+        a zero concentration, before dose + lag, is reported at 1e-8 C_s, below any LLOQ)."""
         c, h_s = self.condition(study, target, obs_mask_target)
         _, y = self._draw(c, h_s, _ind(study, target), query_t, key, n)
         return jnp.maximum(y, math.log(1e-8))
