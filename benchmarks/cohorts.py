@@ -15,7 +15,7 @@ Compared, generated vs observed:
   0.5 (AUC) / 0 (MMD^2) is ideal.
   synthetic: `sample_studies(PRNGKey(SEED), n, PriorConfig())`, every individual held out.
   real: the four bundled data sets, each one study.
-- NCA (`popkin.nca_profile`) of observed and generated profiles at the observed times
+- NCA (`nca_profile` of the module popkin.nca) of observed and generated profiles at the observed times
   (median of each summary), and of the generated individuals' noise-free profiles (PRED) on
   a dense grid after their last dose; `popkin.realism_check` of the observed and the dense
   generated cohorts against the literature table `popkin/data/pk_reference.csv`.
