@@ -369,3 +369,30 @@ def test_random_valid_tables_load(df: pd.DataFrame):
     assert int(_a(pop.subjects.doses.mask).sum()) == int((df["EVID"] == 1).sum() + df["ADDL"].sum())
     assert pop.n_subjects == df["ID"].nunique()
     assert np.all(np.isfinite(_a(pop.subjects.records.time)))
+
+
+def test_select_keeps_dose_and_record_row_order():
+    """`Population.select` renumbers table rows: dose rows must follow the record rows, so a
+    sample on the row before a dose at the same time (a trough) still does not see it."""
+    table = pd.DataFrame(
+        [
+            (1, 0.0, np.nan, 100.0, 1),
+            (1, 2.0, 1.0, 0.0, 0),
+            (2, 0.0, np.nan, 50.0, 1),
+            (2, 12.0, 3.0, 0.0, 0),  # trough: row before the dose at the same time
+            (2, 12.0, np.nan, 50.0, 1),
+            (2, 14.0, 4.0, 0.0, 0),
+        ],
+        columns=["ID", "TIME", "DV", "AMT", "EVID"],
+    )
+    pop = read_nonmem(table)
+    sub = pop.select([1])
+    full, part = pop.subjects, sub.subjects
+
+    def order(s, i):
+        rec = np.asarray(s.records.row[i])[np.asarray(s.records.rec[i])]
+        dose = np.asarray(s.doses.row[i])[np.asarray(s.doses.mask[i])]
+        return np.sign(dose[:, None] - rec[None, :])
+
+    np.testing.assert_array_equal(order(part, 0), order(full, 1))
+    assert np.asarray(part.doses.row[0])[np.asarray(part.doses.mask[0])].max() < len(sub.table)

@@ -161,6 +161,11 @@ class Population(eqx.Module):
         old_to_new[keep] = np.arange(len(keep))
         new_rows = np.where(rows >= 0, old_to_new[np.maximum(rows, 0)], -1)
         subjects = eqx.tree_at(lambda s: s.records.row, subjects, jnp.asarray(new_rows))
+        if subjects.doses.row is not None:  # same renumbering (ADDL copies keep ROW_AFTER)
+            d = np.asarray(subjects.doses.row)
+            real = (d >= 0) & (d < ROW_AFTER) & np.asarray(subjects.doses.mask)
+            d_new = np.where(real, old_to_new[np.clip(d, 0, len(old_to_new) - 1)], d)
+            subjects = eqx.tree_at(lambda s: s.doses.row, subjects, jnp.asarray(d_new, d.dtype))
         info = PopulationInfo(
             ids=ids,
             covariates=self.info.covariates,
