@@ -46,18 +46,17 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from popkin.amortized._model import ModelConfig, _Block, _gauss_head, _Pool
 from popkin.amortized._prior import Studies
-from popkin.amortized._tokens import dose_features, last_dose_before, obs_features
-from popkin.amortized._train import _ind, _kl, early_mask, gaussian_loglik, prepare
+from popkin.amortized._tokens import individual_dose_features, last_dose_before, obs_features
+from popkin.amortized._train import (
+    _ind,
+    _kl,
+    early_mask,
+    gaussian_loglik,
+    mean_study_loss,
+    prepare,
+)
 
 F32 = jnp.float32
-
-
-def _dose_feats(ind: dict) -> Array:
-    return dose_features(
-        ind["dose_t"], ind["dose_amt"], ind["dose_route"], ind["dose_dur"],
-        jnp.broadcast_to(ind["ss"], ind["dose_t"].shape),
-        jnp.broadcast_to(ind["ii"], ind["dose_t"].shape),
-    )  # fmt: skip
 
 
 class _Tokens(eqx.Module):
@@ -79,7 +78,7 @@ class _Tokens(eqx.Module):
         """(tokens [T+D, d], mask [T+D], pooled [d]); `flag` (0/1) marks the target."""
         last = last_dose_before(ind["obs_t"], ind["dose_t"], ind["dose_mask"])
         fo = obs_features(ind["obs_t"], ind["obs_y"], ind["obs_cens"], last)
-        fd = _dose_feats(ind)
+        fd = individual_dose_features(ind)
         x = jnp.concatenate([jax.vmap(self.obs_embed)(fo), jax.vmap(self.dose_embed)(fd)])
         n_o, d = fo.shape[0], x.shape[1]
         kind = jnp.zeros((x.shape[0], d), F32).at[:n_o, 0].set(1.0).at[n_o:, 1].set(1.0)
@@ -264,7 +263,7 @@ class LatentNeuralODE(eqx.Module):
         order = jnp.argsort(jnp.where(dmask, ind["dose_t"], jnp.inf), stable=True)
         t_d = ind["dose_t"][order]
         valid = dmask[order]
-        feats = _dose_feats(ind)[order]
+        feats = individual_dose_features(ind)[order]
         dur = jnp.where(ind["dose_route"] == 2, ind["dose_dur"], 0.0)[order]
         t_start = jnp.minimum(0.0, jnp.min(jnp.where(dmask, ind["dose_t"], jnp.inf)))
 
@@ -353,13 +352,7 @@ def _ode_study_loss(model: LatentNeuralODE, study: Studies, target, n_early, key
 
 def neural_ode_loss(model: LatentNeuralODE, studies: Studies, key):
     """Negative ELBO per sample (see module docstring), averaged over a raw batch."""
-    kp, kl = jax.random.split(key)
-    norm, target, n_early = prepare(studies, kp)
-    keys = jax.random.split(kl, target.shape[0])
-    loss, (nll, kl_) = jax.vmap(_ode_study_loss, in_axes=(None, 0, 0, 0, 0))(
-        model, norm, target, n_early, keys
-    )
-    return jnp.mean(loss), {"nll": jnp.mean(nll), "kl": jnp.mean(kl_)}
+    return mean_study_loss(_ode_study_loss, model, studies, key, ("nll", "kl"))
 
 
 __all__ = ["LatentNeuralODE", "PlainTransformer", "neural_ode_loss", "transformer_loss"]

@@ -46,16 +46,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from popkin.amortized._model import ModelConfig, _Block, _Pool
+from popkin.amortized._model import ModelConfig, _Block, _Pool, encode_individual
 from popkin.amortized._pk import concentrations
 from popkin.amortized._prior import Studies
-from popkin.amortized._tokens import (
-    dose_features,
-    last_dose_before,
-    normalise,
-    obs_features,
-    study_scales,
-)
+from popkin.amortized._train import prepare_with_scales
 
 F32 = jnp.float32
 LAG_EPS = 1e-3  # lag / T_s offset inside the log (absent lag -> log 1e-3)
@@ -171,23 +165,8 @@ class FlowGenerator(eqx.Module):
 
     # -- conditioning ----------------------------------------------------------------------
     def encode_individual(self, ind: dict) -> Float[Array, " d"]:
-        """h_i from one individual's tokens (as `InContextPK.encode_individual`)."""
-        last = last_dose_before(ind["obs_t"], ind["dose_t"], ind["dose_mask"])
-        fo = obs_features(ind["obs_t"], ind["obs_y"], ind["obs_cens"], last)
-        fd = dose_features(
-            ind["dose_t"], ind["dose_amt"], ind["dose_route"], ind["dose_dur"],
-            jnp.broadcast_to(ind["ss"], ind["dose_t"].shape),
-            jnp.broadcast_to(ind["ii"], ind["dose_t"].shape),
-        )  # fmt: skip
-        x = jnp.concatenate([jax.vmap(self.obs_embed)(fo), jax.vmap(self.dose_embed)(fd)])
-        mask = jnp.concatenate([ind["obs_mask"], ind["dose_mask"]])
-        x = x + jnp.concatenate(
-            [jnp.zeros((fo.shape[0], x.shape[1]), F32).at[:, 0].set(1.0),
-             jnp.zeros((fd.shape[0], x.shape[1]), F32).at[:, 1].set(1.0)]
-        )  # fmt: skip
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.pool_ind(x, mask)
+        """h_i from one individual's tokens (the encoder of `InContextPK`)."""
+        return encode_individual(self, ind)
 
     def condition(self, study: Studies, target, obs_mask_target, design_from=None):
         """(c, h_s): the flow's condition and the study encoding, one normalised study.
@@ -319,21 +298,14 @@ def flow_batch_loss(model: FlowGenerator, studies: Studies, key):
             f"flow_knots={model.config.flow_knots}"
         )
     kp, kl = jax.random.split(key)
-    k1, k2 = jax.random.split(kp)
-    s_count, n = studies.ind_mask.shape
-    logits = jnp.where(studies.ind_mask, 0.0, -jnp.inf)
-    target = jax.random.categorical(k1, logits, axis=-1)
-    n_early = jax.random.randint(k2, (s_count,), 0, 6)
-    context = studies.ind_mask & (jnp.arange(n)[None, :] != target[:, None])
-    scales = study_scales(studies, context)
-    norm = normalise(studies, scales)
+    norm, target, n_early, scales = prepare_with_scales(studies, kp)
     theta_n = normalised_theta(
         studies.theta,
         scales.time[:, None, None],
         scales.amount[:, None, None],
         scales.conc[:, None, None],
     )
-    keys = jax.random.split(kl, s_count)
+    keys = jax.random.split(kl, target.shape[0])
     fm, err = jax.vmap(FlowGenerator.study_loss, (None, 0, 0, 0, 0, 0))(
         model, norm, theta_n, target, n_early, keys
     )

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from popkin.amortized._pk import superposition_2cmt
-from popkin.amortized._tokens import dose_features, last_dose_before, obs_features
+from popkin.amortized._tokens import individual_dose_features, last_dose_before, obs_features
 
 F32 = jnp.float32
 
@@ -98,6 +98,24 @@ class _Pool(eqx.Module):
         return self.attn(self.query, x, x, mask=mask[None, :])[0]
 
 
+def encode_individual(net, ind: dict) -> Float[Array, " d"]:
+    """h_i: embed one individual's observation and dose tokens (with a token-type signal),
+    self-attention blocks over the masked set, attention pooling. `net` holds the layers
+    `obs_embed`, `dose_embed`, `blocks`, `pool_ind` (InContextPK, FlowGenerator)."""
+    last = last_dose_before(ind["obs_t"], ind["dose_t"], ind["dose_mask"])
+    fo = obs_features(ind["obs_t"], ind["obs_y"], ind["obs_cens"], last)
+    fd = individual_dose_features(ind)
+    x = jnp.concatenate([jax.vmap(net.obs_embed)(fo), jax.vmap(net.dose_embed)(fd)])
+    mask = jnp.concatenate([ind["obs_mask"], ind["dose_mask"]])
+    x = x + jnp.concatenate(
+        [jnp.zeros((fo.shape[0], x.shape[1]), F32).at[:, 0].set(1.0),
+         jnp.zeros((fd.shape[0], x.shape[1]), F32).at[:, 1].set(1.0)]
+    )  # fmt: skip
+    for block in net.blocks:
+        x = block(x, mask)
+    return net.pool_ind(x, mask)
+
+
 def _gauss_head(d_in, d_out, key):
     return eqx.nn.MLP(d_in, 2 * d_out, 2 * d_in, 1, activation=jax.nn.gelu, key=key, dtype=F32)
 
@@ -149,22 +167,7 @@ class InContextPK(eqx.Module):
     # -- encoder ---------------------------------------------------------------------------
     def encode_individual(self, ind: dict) -> Float[Array, " d"]:
         """h_i from one individual's tokens (normalised units); `ind["obs_mask"]` selects obs."""
-        last = last_dose_before(ind["obs_t"], ind["dose_t"], ind["dose_mask"])
-        fo = obs_features(ind["obs_t"], ind["obs_y"], ind["obs_cens"], last)
-        fd = dose_features(
-            ind["dose_t"], ind["dose_amt"], ind["dose_route"], ind["dose_dur"],
-            jnp.broadcast_to(ind["ss"], ind["dose_t"].shape),
-            jnp.broadcast_to(ind["ii"], ind["dose_t"].shape),
-        )  # fmt: skip
-        x = jnp.concatenate([jax.vmap(self.obs_embed)(fo), jax.vmap(self.dose_embed)(fd)])
-        mask = jnp.concatenate([ind["obs_mask"], ind["dose_mask"]])
-        x = x + jnp.concatenate(
-            [jnp.zeros((fo.shape[0], x.shape[1]), F32).at[:, 0].set(1.0),
-             jnp.zeros((fd.shape[0], x.shape[1]), F32).at[:, 1].set(1.0)]
-        )  # fmt: skip
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.pool_ind(x, mask)
+        return encode_individual(self, ind)
 
     def study_posterior(self, h: Float[Array, "N d"], context: Array):
         """q(z_s | context individuals): mean and log-SD (zeros when `use_study` is off)."""
@@ -183,11 +186,7 @@ class InContextPK(eqx.Module):
     # -- decoders --------------------------------------------------------------------------
     def decode_attention(self, z: Array, ind: dict, t: Float[Array, " Q"]):
         """Mean and log-variance of log(C / C_s) at query times t (normalised units)."""
-        fd = dose_features(
-            ind["dose_t"], ind["dose_amt"], ind["dose_route"], ind["dose_dur"],
-            jnp.broadcast_to(ind["ss"], ind["dose_t"].shape),
-            jnp.broadcast_to(ind["ii"], ind["dose_t"].shape),
-        )  # fmt: skip
+        fd = individual_dose_features(ind)
 
         def at_time(tq):
             rel = tq - ind["dose_t"]

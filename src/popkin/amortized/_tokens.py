@@ -104,6 +104,15 @@ def dose_features(t, amt, route, dur, ss, ii) -> Float[Array, "... 9"]:
     )
 
 
+def individual_dose_features(ind: dict) -> Float[Array, "D 9"]:
+    """`dose_features` of one individual's dose tokens (its SS flag and II on every dose)."""
+    return dose_features(
+        ind["dose_t"], ind["dose_amt"], ind["dose_route"], ind["dose_dur"],
+        jnp.broadcast_to(ind["ss"], ind["dose_t"].shape),
+        jnp.broadcast_to(ind["ii"], ind["dose_t"].shape),
+    )  # fmt: skip
+
+
 def last_dose_before(t, dose_t, dose_mask):
     """Time of the last dose at or before each t (0 if none); t (..., T), doses (..., D)."""
     before = dose_mask[..., None, :] & (dose_t[..., None, :] <= t[..., :, None])

@@ -166,25 +166,37 @@ def study_loss(model: InContextPK, study: Studies, target, n_early, key):
     return -(elbo_a + elbo_p) / n_obs, (-elbo_a / n_obs, -elbo_p / n_obs)
 
 
-def prepare(studies: Studies, key) -> tuple[Studies, jax.Array, jax.Array]:
-    """Pick a target per study and k early samples; normalise by the context's scales."""
+def prepare_with_scales(studies: Studies, key):
+    """`prepare`, also returning the context scales (normalised studies, target, k, scales)."""
     k1, k2 = jax.random.split(key)
     s_count, n = studies.ind_mask.shape
     logits = jnp.where(studies.ind_mask, 0.0, -jnp.inf)
     target = jax.random.categorical(k1, logits, axis=-1)
     n_early = jax.random.randint(k2, (s_count,), 0, 6)
     context = studies.ind_mask & (jnp.arange(n)[None, :] != target[:, None])
-    return normalise(studies, study_scales(studies, context)), target, n_early
+    scales = study_scales(studies, context)
+    return normalise(studies, scales), target, n_early, scales
 
 
-def batch_loss(model, studies: Studies, key):
+def prepare(studies: Studies, key) -> tuple[Studies, jax.Array, jax.Array]:
+    """Pick a target per study and k early samples; normalise by the context's scales."""
+    return prepare_with_scales(studies, key)[:3]
+
+
+def mean_study_loss(per_study, model, studies: Studies, key, names: tuple[str, ...]):
+    """`per_study(model, study, target, k, key) -> (loss, parts tuple)` over a raw batch
+    (`prepare`d, one key per study): the mean loss and the mean parts named by `names`."""
     kp, kl = jax.random.split(key)
     norm, target, n_early = prepare(studies, kp)
     keys = jax.random.split(kl, target.shape[0])
-    loss, (la, lp) = jax.vmap(study_loss, in_axes=(None, 0, 0, 0, 0))(
+    loss, parts = jax.vmap(per_study, in_axes=(None, 0, 0, 0, 0))(
         model, norm, target, n_early, keys
     )
-    return jnp.mean(loss), {"attention": jnp.mean(la), "physics": jnp.mean(lp)}
+    return jnp.mean(loss), {k: jnp.mean(v) for k, v in zip(names, parts, strict=True)}
+
+
+def batch_loss(model, studies: Studies, key):
+    return mean_study_loss(study_loss, model, studies, key, ("attention", "physics"))
 
 
 def model_kinds() -> dict:
