@@ -223,6 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    popkin.enable_compilation_cache()  # identical programs (e.g. same-shape endpoint fits) compile once
     n_train, n_test, n_flow = (200, 200, 1) if args.quick else (200, 500, N_FLOW)
     t0 = time.perf_counter()
     say = lambda m: print(f"[{time.perf_counter() - t0:6.0f}s] {m}", flush=True)

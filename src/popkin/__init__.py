@@ -7,6 +7,7 @@ amortized in-context PK models. Float64 is switched on at import (NLME objective
 from . import _config  # noqa: F401  (enables float64 before any array is made)
 from . import amortized as amortized
 from . import parallel as parallel
+from ._config import enable_compilation_cache as enable_compilation_cache
 from ._io import FileFormatError as FileFormatError
 from .amortized import forecast as forecast
 from .amortized import generate as generate

@@ -430,8 +430,11 @@ def _times(spec: str) -> list[float]:
 
 @app.command()
 def pretrain(
-    config: Path = typer.Argument(..., help="Training config (JSON or TOML), e.g. the shipped "
-                                  "src/popkin/amortized/configs/small.json."),  # fmt: skip
+    config: Path = typer.Argument(
+        ...,
+        help="Training config (JSON or TOML), e.g. the shipped "
+        "src/popkin/amortized/configs/small.json.",
+    ),  # fmt: skip
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder (resumed if present)."),
     max_minutes: float = typer.Option(None, help="Stop (checkpointed) after this many minutes."),
     data_parallel: bool = typer.Option(False, help="Shard each batch over all local devices."),
@@ -456,7 +459,9 @@ def pretrain(
 @app.command()
 def forecast(
     context: Path = typer.Argument(..., help="NONMEM CSV of the study's other individuals."),
-    target: Path = typer.Argument(..., help="NONMEM CSV of the new individual: doses + early samples."),
+    target: Path = typer.Argument(
+        ..., help="NONMEM CSV of the new individual: doses + early samples."
+    ),
     times: str = typer.Option(..., help="Forecast times: '1,2,4' or 'start:stop:n' (h)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output CSV (TIME, PRED, LO90..HI90)."),
     model: str = typer.Option("small", help="Shipped checkpoint name or a checkpoint folder."),
@@ -474,7 +479,9 @@ def forecast(
         from .data._reader import read_nonmem
 
         tgt = read_nonmem(target)
-        df = run_forecast(read_nonmem(context), tgt, _times(times), model=model, decoder=decoder, seed=seed)
+        df = run_forecast(
+            read_nonmem(context), tgt, _times(times), model=model, decoder=decoder, seed=seed
+        )
         with atomic_path(out) as tmp:
             df.to_csv(tmp, index=False)
         console.print(f"wrote {len(df)} forecast times to [bold]{out}[/]")

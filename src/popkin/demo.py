@@ -90,7 +90,11 @@ def _amortized_demo(out: Path, *, seed: int, say) -> tuple[list[Path], list]:
                          title="Theophylline: 100 generated individuals, 4 doses every 12 h (90% band)",
                          path=out / "virtual_cohort.png")  # fmt: skip
     cohort.to_csv(out / "virtual_cohort.csv", index=False)
-    files = [out / "forecast_theophylline.png", out / "virtual_cohort.png", out / "virtual_cohort.csv"]
+    files = [
+        out / "forecast_theophylline.png",
+        out / "virtual_cohort.png",
+        out / "virtual_cohort.csv",
+    ]
     sections = [("Zero-shot forecast (in-context model, theophylline subject 1)", fig),
                 ("Virtual cohort under a new regimen (in-context model)", fig2)]  # fmt: skip
     return files, sections
