@@ -274,7 +274,6 @@ class PKThreeTurnover(popkin.Model):
         init=lambda p: {e: p[f"kin_{e}"] / p[f"kout_{e}"] for e in ENDPOINTS},
         rtol=POPKIN_RTOL,
         atol=POPKIN_ATOL,
-        steady_state=False,  # no SS doses; the default would trace the SS solver under jit
     )
 
     def individual(self, th, eta, cov):

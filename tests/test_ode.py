@@ -12,6 +12,7 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
@@ -19,7 +20,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from scipy.integrate import solve_ivp  # noqa: E402
 
-from popkin.data._population import Doses  # noqa: E402
+from popkin.data._population import Doses, dose_kinds  # noqa: E402
 from popkin.models import _linear as lin  # noqa: E402
 from popkin.models._ode import ODE  # noqa: E402
 from popkin.models._pd import (  # noqa: E402
@@ -380,3 +381,45 @@ def test_pd_functions():
     np.testing.assert_allclose(
         iv.vector_field(0.0, jnp.array([2.0, 6.0]), p), [-1.0, 3 - 0.5 * 1.5 * 6]
     )
+
+
+@pytest.mark.parametrize("name", ["oral1_repeated", "oral1_lag_bioav", "oral1_infusion"])
+def test_known_dose_kinds_prune_events_without_changing_amounts(name):
+    """`Doses.kinds` (static, from the data) drops event slots that cannot be active and the
+    SS machinery: under jit (traced doses) the amounts equal those of the full event list."""
+    _, p, rows, _ = SCENARIOS[name]
+    dyn = ODE(linear_rhs, ("depot", "central", "peripheral"))
+    par = {**p, "q": p.get("q", 0.0), "vp": p.get("vp", 1.0), "ka": p.get("ka", 1.0)}
+    unknown = make_doses([{**r, "cmt": r.get("cmt", 0)} for r in rows])
+    kinds = dose_kinds(unknown.mask, unknown.dur, unknown.rate, unknown.ss)
+    assert ("infusion" in kinds) == (name == "oral1_infusion") and "ss" not in kinds
+    known = dataclasses.replace(unknown, kinds=kinds)
+    traced_ss = []
+
+    @jax.jit
+    def amounts(doses):
+        traced_ss.append(dyn._use_steady_state(doses))
+        return dyn.amounts(par, doses, jnp.asarray(TIMES))
+
+    full, pruned = amounts(unknown), amounts(known)
+    assert traced_ss == [True, False]
+    np.testing.assert_allclose(np.asarray(pruned), np.asarray(full), rtol=1e-12, atol=1e-12)
+
+
+def test_reader_sets_dose_kinds():
+    import pandas as pd
+
+    import popkin
+
+    rows = [
+        (1, 0.0, 0, 100.0, 1, 0, 0.0, 0),
+        (1, 1.0, 5.0, 0.0, 0, 0, 0.0, 0),
+        (2, 0.0, 0, 100.0, 1, 0, 50.0, 1),
+        (2, 1.0, 5.0, 0.0, 0, 0, 0.0, 0),
+    ]
+    cols = ["ID", "TIME", "DV", "AMT", "EVID", "MDV", "RATE", "SS"]
+    df = pd.DataFrame(rows, columns=cols).assign(II=lambda d: np.where(d.SS > 0, 12.0, 0.0))
+    df["MDV"] = df["EVID"]
+    assert popkin.read_nonmem(df).subjects.doses.kinds == frozenset({"infusion", "ss"})
+    plain = df.assign(RATE=0.0, SS=0, II=0.0)
+    assert popkin.read_nonmem(plain).subjects.doses.kinds == frozenset()

@@ -38,6 +38,10 @@ class Doses(eqx.Module):
       time (NONMEM evaluates in row order: a sample on a row before a dose at the same time does
       not see it). ADDL copies get `ROW_AFTER` (a sample at their time is a pre-dose trough).
       None: every dose acts from its time on, including on records at that time.
+    - `kinds` (static): which special doses occur among the real doses of the population,
+      a subset of {"infusion", "ss"}; None when unknown. Dynamics skip what cannot occur
+      (e.g. the steady-state solver and infusion-stop events are not traced, which halves
+      the compile time of an ODE model on data without them).
     """
 
     time: Float[Array, "... D"]
@@ -50,6 +54,19 @@ class Doses(eqx.Module):
     end: Float[Array, "... D"]
     mask: Bool[Array, "... D"]
     row: Int[Array, "... D"] | None = None
+    kinds: frozenset[str] | None = eqx.field(default=None, static=True)
+
+
+def dose_kinds(mask, dur, rate, ss) -> frozenset[str]:
+    """The `Doses.kinds` of concrete dose arrays: "infusion" if a real dose has a duration or
+    a rate, "ss" if one is a steady-state dose."""
+    mask = np.asarray(mask, bool)
+    kinds = set()
+    if np.any(mask & ((np.asarray(dur) != 0) | (np.asarray(rate) != 0))):
+        kinds.add("infusion")
+    if np.any(mask & (np.asarray(ss) > 0)):
+        kinds.add("ss")
+    return frozenset(kinds)
 
 
 #: `Doses.row` of implied (ADDL) doses: after every record at the same time.

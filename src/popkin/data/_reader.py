@@ -29,7 +29,15 @@ import numpy as np
 import pandas as pd
 
 from popkin.data._errors import DataError, Problem
-from popkin.data._population import ROW_AFTER, Doses, Population, PopulationInfo, Records, Subjects
+from popkin.data._population import (
+    ROW_AFTER,
+    Doses,
+    Population,
+    PopulationInfo,
+    Records,
+    Subjects,
+    dose_kinds,
+)
 
 __all__ = ["read_nonmem", "RESERVED_COLUMNS", "OUTPUT_COLUMNS", "is_output_column"]
 
@@ -692,6 +700,7 @@ def read_nonmem(
             end=jnp.asarray(d_end),
             mask=jnp.asarray(d_mask),
             row=jnp.asarray(d_row),
+            kinds=dose_kinds(d_mask, d_dur, d_rate, d_ss),
         ),
         records=Records(
             time=jnp.asarray(r_time),

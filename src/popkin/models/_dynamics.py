@@ -90,6 +90,7 @@ def effective_doses(p: dict, doses: Doses, dose_compartment: int) -> Doses:
         end=end,
         mask=doses.mask,
         row=doses.row,
+        kinds=doses.kinds,
     )
 
 

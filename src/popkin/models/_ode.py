@@ -125,9 +125,9 @@ class ODE(AbstractDynamics):
     - `solver`: a diffrax solver (default `Tsit5()`; pass `Kvaerno5()` for stiff systems).
     - `rtol`, `atol`: PID step-size tolerances; `max_steps`: step budget per event interval.
     - `steady_state`: compile the SS machinery (True), never (False: subjects with SS doses get
-      NaN), or (None, default) unless the doses are concrete arrays without SS doses. The SS
-      path roughly doubles compile time (value and derivatives); its run time is zero without
-      SS doses.
+      NaN), or (None, default) unless the doses are known to hold no SS dose (concrete arrays,
+      or `Doses.kinds` from the data without "ss"). The SS path roughly doubles compile time
+      (value and derivatives); its run time is zero without SS doses.
 
     `amounts(p, doses, times, resets)` returns the states at `times`, shape (R, n_states). It is
     traceable, vmappable over subjects and differentiable in forward mode (jacfwd of jacfwd).
@@ -302,6 +302,19 @@ class ODE(AbstractDynamics):
             ]
         ).astype(jnp.int32)
         ev_dose = jnp.concatenate([jnp.zeros_like(resets, dtype=jnp.int32), idx, idx, idx])
+        # Event slots that cannot be active (static `doses.kinds`): one solve fewer per slot.
+        use_ss = self._use_steady_state(doses)
+        kinds = doses.kinds
+        R = resets.shape[0]
+        keep = [np.arange(R)]
+        if use_ss:
+            keep.append(R + np.arange(D))
+        keep.append(R + D + np.arange(D))
+        if kinds is None or "infusion" in kinds:
+            keep.append(R + 2 * D + np.arange(D))
+        if sum(k.size for k in keep) < ev_t.shape[0]:
+            keep = np.concatenate(keep)
+            ev_t, ev_kind, ev_dose = ev_t[keep], ev_kind[keep], ev_dose[keep]
         ev_kind = jnp.where(ev_t <= t_last, ev_kind, _NOOP)
         active = ev_kind != _NOOP
         ev_t = jnp.where(active, ev_t, t_last)
@@ -315,7 +328,7 @@ class ODE(AbstractDynamics):
         starts = jnp.concatenate([t_start[None], ev_t[:-1]])
         last = jnp.arange(ev_t.shape[0]) == ev_t.shape[0] - 1
 
-        if self._use_steady_state(doses):
+        if use_ss:
             ss_state = self._steady_states(p, x0, eff, rec_t, ss_on, continuous)
             ss_missing = jnp.array(False)
         else:
@@ -356,7 +369,9 @@ class ODE(AbstractDynamics):
         try:
             has_ss = bool(np.any(np.asarray(doses.mask) & (np.asarray(doses.ss) > 0)))
         except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-            return self.steady_state is None or self.steady_state
+            if doses.kinds is None:  # traced arrays of unknown content
+                return self.steady_state is None or self.steady_state
+            has_ss = "ss" in doses.kinds
         if has_ss and self.steady_state is False:
             raise ValueError("the doses hold steady-state doses but steady_state=False")
         return has_ss if self.steady_state is None else self.steady_state

@@ -24,6 +24,7 @@ from ..models._model import Model
 from ..params import ModelParams, default_params, pack, unpack
 from ..priors import Gaussian
 from ..simulate import predictor_for
+from ._chunks import map_subjects
 from ._inner import find_mode
 from ._objective import METHODS, SubjectProblem
 from ._result import Fit, FitStatus
@@ -43,7 +44,8 @@ def _modes(problem: SubjectProblem, estimate_omega: bool, u, eta0, subjects, fix
     so that each variant is compiled only when used.
     """
     two = bool(np.any(np.asarray(eta0) != 0))
-    return _modes_jit(problem, estimate_omega, u, eta0, subjects, fixed_prior, two)
+    run = lambda e, s: _modes_jit(problem, estimate_omega, u, e, s, fixed_prior, two)
+    return map_subjects(run, (eta0, subjects), eta0.shape[0])
 
 
 @eqx.filter_jit
@@ -106,15 +108,10 @@ class _Engine:
         )
 
     def ofv_and_jac(self, u, eta, Hinv):
-        return _ofv_and_jac(
-            self.problem,
-            self.estimate_omega,
-            u,
-            eta,
-            Hinv,
-            self.population.subjects,
-            self.fixed_prior,
+        run = lambda e, h, s: _ofv_and_jac(
+            self.problem, self.estimate_omega, u, e, h, s, self.fixed_prior
         )
+        return map_subjects(run, (eta, Hinv, self.population.subjects), eta.shape[0])
 
     def pack(self, params: ModelParams):
         return pack(self.model, params, self.estimate_omega)
