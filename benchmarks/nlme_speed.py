@@ -18,7 +18,8 @@ What is measured (wall seconds, warm, on this machine's CPUs):
   three stimulatory turnover PD endpoints, 6 correlated random effects on the PD parameters,
   8/7/7 samples per endpoint, 100/200/400 mg once daily x 3, additive noise 5-14 % of
   baseline), data simulated with `popkin.simulate`. popkin: `popkin.nlme._fit._modes` (vmapped
-  Gauss-Newton + Newton polish, exact Hessian by forward-over-forward AD), warm, from eta = 0.
+  Gauss-Newton + Newton polish, exact Hessian by forward-over-forward AD), warm, from eta = 0,
+  subjects split into equal chunks run on a thread pool, one per CPU (`popkin.nlme._chunks`).
   SciPy: per subject piecewise `solve_ivp` predictions, `scipy.optimize.minimize` (BFGS,
   finite-difference gradient) from eta = 0, and a central-difference Hessian of the objective
   at the mode. SciPy's solver runs at rtol 1e-8 / atol 1e-10 (a central-difference Hessian with
@@ -56,6 +57,7 @@ import scipy.optimize
 
 import popkin
 from popkin.models._ode import ODE
+from popkin.nlme._chunks import n_chunks
 from popkin.nlme._fit import _modes
 from popkin.nlme._inner import find_mode
 from popkin.nlme._objective import SubjectProblem
@@ -544,6 +546,9 @@ def main(argv=None) -> dict:
         "python": platform.python_version(),
         "jax": jax.__version__,
         "scipy": scipy.__version__,
+        # popkin splits per-subject work into this many thread-parallel chunks (>= 64
+        # subjects each; theophylline's 12 subjects run as one); SciPy is one loop
+        "popkin_threads_ebe_500": n_chunks(args.n),
         "loadavg_start": [round(x, 2) for x in load0],
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
     }

@@ -36,7 +36,17 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=40, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--run",
+        type=Path,
+        default=None,
+        help="summarise a finished CPU training run instead (its checkpoint folder, trained "
+        "with `popkin pretrain CONFIG -o DIR`): writes pretrain_cpu_run.json / .md",
+    )
+    ap.add_argument("--note", default="", help="how the run was made (cores, other load)")
     args = ap.parse_args(argv)
+    if args.run is not None:
+        return summarise_run(args.run, args.note, args.out)
     import popkin  # noqa: F401
     from popkin.amortized._train import TrainConfig, train
 
@@ -86,6 +96,55 @@ def main(argv=None) -> int:
         f"{useful} steps: {result['cpu_projected_useful_h']:.2f} h | <= 2 h |",
     ]
     (args.out / "pretrain_cpu.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+def summarise_run(run: Path, note: str, out: Path) -> int:
+    """Wall time, validation curve and final validation loss of an actual CPU training run,
+    next to the shipped `small` checkpoint's final validation loss (same validation set: the
+    prior's fixed held-out studies, same seed)."""
+    import popkin
+
+    meta = json.loads((run / "meta.json").read_text())
+    log = json.loads((run / "log.json").read_text())
+    cfg = meta.get("config", {})
+    vals = [(e["step"], e["val_loss"], e["seconds"]) for e in log if "val_loss" in e]
+    pkg = Path(popkin.__file__).parent / "amortized" / "checkpoints"
+    small = [e for e in json.loads((pkg / "small" / "log.json").read_text()) if "val_loss" in e]
+    result = {
+        "config": cfg.get("name"),
+        "model": cfg.get("model"),
+        "batch": cfg.get("batch"),
+        "steps": log[-1]["step"],
+        "steps_config": cfg.get("steps"),
+        "wall_h": log[-1]["seconds"] / 3600,
+        "val_curve": [{"step": s, "val_loss": v, "hours": t / 3600} for s, v, t in vals],
+        "val_final": vals[-1][1],
+        "val_final_small_gpu": small[-1]["val_loss"],
+        "val_small_at_same_examples": next(
+            (e["val_loss"] for e in small if e["step"] * 64 >= log[-1]["step"] * cfg["batch"]),
+            None,
+        ),
+        "target_h": 2.0,
+        "note": note,
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "jax": jax.__version__,
+        },
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pretrain_cpu_run.json").write_text(json.dumps(result, indent=1) + "\n")
+    md = [
+        f"CPU training run of the `{result['config']}` config ({note}).",
+        "",
+        "| steps | wall (h) | final val loss | small (GPU) final val loss | target |",
+        "|---|---|---|---|---|",
+        f"| {result['steps']} | {result['wall_h']:.2f} | {result['val_final']:.3f} | "
+        f"{result['val_final_small_gpu']:.3f} | <= 2 h |",
+    ]
+    (out / "pretrain_cpu_run.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

@@ -24,6 +24,8 @@ Methods:
 - issue 6: the flow-matching generator ("generator_small": predictive samples from the flow
   over individual PK parameter paths, decoded by exact physics) and the two baselines trained
   by the same loop ("transformer_small", "neural_ode_small"), through the same harness.
+- issue 5: the same in-context model in the `cpu` config (d_model 32, one layer, batch 16,
+  9,000 steps), trained on this machine's CPU within 2 h (benchmarks/results/pretrain_cpu_run.json).
 - synthetic: `sample_studies(PRNGKey(SEED), N)` (N = --n-synthetic) evaluated with
   `evaluate_study(..., s=k)`.
 
@@ -69,6 +71,9 @@ AMORTIZED = [
     ("generator (flow matching)", "generator_small", "attention"),
     ("plain transformer", "transformer_small", "attention"),
     ("latent neural ODE", "neural_ode_small", "attention"),
+    # issue 5: the config trained on this 2-core CPU in under 2 h (configs/cpu.json)
+    ("in-context, CPU-trained (attention)", "cpu", "attention"),
+    ("in-context, CPU-trained (physics)", "cpu", "physics"),
 ]
 PUBLISHED = {
     "source": "issue 5 'Targets' (PFF paper, same protocol)",
