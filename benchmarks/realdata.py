@@ -354,8 +354,16 @@ def main(argv=None) -> int:
         help="NLME baseline on only the first N scored individuals (ID order); the row's n and "
         "a note say so (for compounds whose NLME leave-one-out does not fit the time)",
     )
+    ap.add_argument(
+        "--checkpoints",
+        default=None,
+        help="comma-separated: only the amortized rows of these checkpoints (merge the rest)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    amortized = [
+        a for a in AMORTIZED if args.checkpoints is None or a[1] in args.checkpoints.split(",")
+    ]
     args.out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
 
@@ -387,18 +395,18 @@ def main(argv=None) -> int:
         (args.out / "realdata.json").write_text(json.dumps(result, indent=2) + "\n")
         (args.out / "realdata.md").write_text(markdown(result))
 
-    nets = {name: load_model(name) for _, name, _ in AMORTIZED}
+    nets = {name: load_model(name) for _, name, _ in amortized}
     rows, notes, ratio, nlme_info = [], [], {}, {}
     for compound in filter(None, args.compounds.split(",")):
         pop = getattr(popkin.datasets, compound)()
         targets = loo_targets(from_population(pop))
         panels, sec_amort = [], None
-        for method, ckpt, dec in [] if args.nlme_only else AMORTIZED:
+        for method, ckpt, dec in [] if args.nlme_only else amortized:
             evaluate_population(pop, nets[ckpt], dec)  # warm-up: compile outside the timing
             r = evaluate_population(pop, nets[ckpt], dec, seed=SEED)
             rows.append(_row(compound, method, r["log_rmse"], r["coverage50"], r["coverage90"],
                              r["seconds"]))  # fmt: skip
-            if method == AMORTIZED[0][0]:
+            if method == amortized[0][0]:
                 sec_amort = float(np.mean(r["seconds"]))
                 panels.append((method, r["forecasts"][0]))
             log(f"{compound} {method}: {rows[-1]['log_rmse_mean']:.3f}")
@@ -438,7 +446,7 @@ def main(argv=None) -> int:
 
     if args.n_synthetic:
         studies = sample_studies(jax.random.PRNGKey(SEED), args.n_synthetic)
-        for method, ckpt, dec in AMORTIZED:
+        for method, ckpt, dec in amortized:
             rm, c50, c90, sec = [], [], [], []
             for k in range(args.n_synthetic):
                 r = evaluate_study(studies, nets[ckpt], dec, s=k, seed=SEED)

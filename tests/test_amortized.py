@@ -314,3 +314,20 @@ def test_from_population_keeps_dosing_before_a_steady_state_reset():
     np.testing.assert_allclose(t, first + fill1 + [100.0] + fill2 + [120.0])
     np.testing.assert_allclose(amt, [100.0] * 2 + [50.0] * 14)
     assert not bool(st.ss[0, 0])
+
+
+def test_shipped_cpu_checkpoint_is_its_config_trained_to_the_end():
+    """The `cpu` checkpoint (issue 5: trained on the 2-core CPU in < 2 h) holds the full run of
+    configs/cpu.json: same config, last step, training time in its log, and it forecasts."""
+    from popkin.amortized._train import TrainConfig, load_checkpoint
+
+    pkg = popkin.amortized.__path__[0]
+    cfg = TrainConfig.load(f"{pkg}/configs/cpu.json")
+    _, _, step, ckpt_cfg, log = load_checkpoint(f"{pkg}/checkpoints/cpu")
+    assert ckpt_cfg == cfg and step == cfg.steps
+    assert log[-1]["seconds"] < 2 * 3600 and log[-1]["val_loss"] < log[0]["loss"]
+    table = popkin.datasets.theophylline_table()
+    target = table[table.ID == 2]
+    early = target[(target.EVID == 1) | ((target.TIME > 0) & (target.TIME <= 1.2))]
+    out = popkin.forecast(table[table.ID != 2], early, [4.0, 8.0, 24.0], model="cpu")
+    assert np.isfinite(out[["PRED", "LO90", "HI90"]].to_numpy()).all()
