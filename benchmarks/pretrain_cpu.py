@@ -112,6 +112,7 @@ def summarise_run(run: Path, note: str, out: Path) -> int:
     vals = [(e["step"], e["val_loss"], e["seconds"]) for e in log if "val_loss" in e]
     pkg = Path(popkin.__file__).parent / "amortized" / "checkpoints"
     small = [e for e in json.loads((pkg / "small" / "log.json").read_text()) if "val_loss" in e]
+    small_batch = json.loads((pkg / "small" / "meta.json").read_text())["config"]["batch"]
     result = {
         "config": cfg.get("name"),
         "model": cfg.get("model"),
@@ -123,7 +124,11 @@ def summarise_run(run: Path, note: str, out: Path) -> int:
         "val_final": vals[-1][1],
         "val_final_small_gpu": small[-1]["val_loss"],
         "val_small_at_same_examples": next(
-            (e["val_loss"] for e in small if e["step"] * 64 >= log[-1]["step"] * cfg["batch"]),
+            (
+                e["val_loss"]
+                for e in small
+                if e["step"] * small_batch >= log[-1]["step"] * cfg["batch"]
+            ),
             None,
         ),
         "target_h": 2.0,

@@ -22,7 +22,7 @@ def test_map_subjects_pads_splits_and_trims():
     b = jnp.arange(7.0) ** 2
     ref = fn(x, b)
     for k in (1, 2, 3, 7):
-        got = _chunks.map_subjects(fn, (x, b), 7, chunks=k)
+        got = _chunks.map_subjects(fn, (x, b), chunks=k)
         for key in ref:
             np.testing.assert_array_equal(got[key], ref[key])
             assert got[key].shape == ref[key].shape
@@ -38,12 +38,12 @@ def test_modes_and_ofv_jacobian_do_not_depend_on_chunks():
     eta0 = jnp.full((pop.n_subjects, 3), 0.05)
     run = lambda e, s: _modes_jit(problem, True, u, e, s, None, True)
     one = run(eta0, pop.subjects)
-    five = _chunks.map_subjects(run, (eta0, pop.subjects), pop.n_subjects, chunks=5)
+    five = _chunks.map_subjects(run, (eta0, pop.subjects), chunks=5)
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(five), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-12, atol=1e-12)
     oj = lambda e, h, s: _ofv_and_jac(problem, True, u, e, h, s, None)
     ref = oj(one.eta, one.hess_inv, pop.subjects)
-    got = _chunks.map_subjects(oj, (one.eta, one.hess_inv, pop.subjects), pop.n_subjects, 5)
+    got = _chunks.map_subjects(oj, (one.eta, one.hess_inv, pop.subjects), chunks=5)
     for a, b in zip(ref, got, strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-12, atol=1e-12)
 

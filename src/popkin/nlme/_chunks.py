@@ -58,9 +58,10 @@ def _take(tree, start: int, stop: int, size: int):
     return jax.tree.map(one, tree)
 
 
-def map_subjects(fn: Callable, batched: tuple, n: int, chunks: int | None = None):
-    """`fn(*batched)` where every leaf of `batched` has the subject axis first (length `n`),
-    and every leaf of the result too; computed in `chunks` thread-parallel pieces."""
+def map_subjects(fn: Callable, batched: tuple, chunks: int | None = None):
+    """`fn(*batched)` where every leaf of `batched` has the subject axis first, and every leaf
+    of the result too; computed in `chunks` (default `n_chunks`) thread-parallel pieces."""
+    n = jax.tree.leaves(batched)[0].shape[0]
     k = n_chunks(n) if chunks is None else max(1, min(int(chunks), n))
     if k == 1:
         return fn(*batched)

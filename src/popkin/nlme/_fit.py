@@ -45,7 +45,7 @@ def _modes(problem: SubjectProblem, estimate_omega: bool, u, eta0, subjects, fix
     """
     two = bool(np.any(np.asarray(eta0) != 0))
     run = lambda e, s: _modes_jit(problem, estimate_omega, u, e, s, fixed_prior, two)
-    return map_subjects(run, (eta0, subjects), eta0.shape[0])
+    return map_subjects(run, (eta0, subjects))
 
 
 @eqx.filter_jit
@@ -111,7 +111,7 @@ class _Engine:
         run = lambda e, h, s: _ofv_and_jac(
             self.problem, self.estimate_omega, u, e, h, s, self.fixed_prior
         )
-        return map_subjects(run, (eta, Hinv, self.population.subjects), eta.shape[0])
+        return map_subjects(run, (eta, Hinv, self.population.subjects))
 
     def pack(self, params: ModelParams):
         return pack(self.model, params, self.estimate_omega)
