@@ -34,16 +34,18 @@ def _prior(params: ModelParams, fixed_prior):
     return fixed_prior if fixed_prior is not None else Gaussian(params.omega)
 
 
-def _modes(problem: SubjectProblem, estimate_omega: bool, u, eta0, subjects, fixed_prior):
+def _modes(problem: SubjectProblem, estimate_omega: bool, u, eta0, subjects, fixed_prior, two=None):
     """Modes of all subjects (vmapped) at the unconstrained parameters `u`.
 
     Two starts per subject, the warm start `eta0` and zero, keeping the lower inner objective:
     models with several local modes (e.g. flip-flop absorption) otherwise make the objective
-    depend on the path of the outer optimiser. When `eta0` is all zero the second start is the
-    same as the first and is skipped. The choice is made here, outside the compiled program,
-    so that each variant is compiled only when used.
+    depend on the path of the outer optimiser. `two=None` skips the second start when `eta0`
+    is all zero (it would repeat the first); `fit` passes `two=True` throughout, so that one
+    program is compiled per fit (the first evaluation, from zero, pays the repeat instead of a
+    second compilation).
     """
-    two = bool(np.any(np.asarray(eta0) != 0))
+    if two is None:
+        two = bool(np.any(np.asarray(eta0) != 0))
     run = lambda e, s: _modes_jit(problem, estimate_omega, u, e, s, fixed_prior, two)
     return map_subjects(run, (eta0, subjects))
 
@@ -103,9 +105,8 @@ class _Engine:
         self.problem = SubjectProblem(predictor_for(model, population), method)
 
     def modes(self, u, eta0):
-        return _modes(
-            self.problem, self.estimate_omega, u, eta0, self.population.subjects, self.fixed_prior
-        )
+        args = (self.problem, self.estimate_omega, u, eta0, self.population.subjects)
+        return _modes(*args, self.fixed_prior, two=True)
 
     def ofv_and_jac(self, u, eta, Hinv):
         run = lambda e, h, s: _ofv_and_jac(

@@ -6,18 +6,25 @@ every subject pays for the slowest, an iteration costs one batched evaluation):
 1. Gauss-Newton: at a trial point $\eta + a d$ one forward-mode pass gives $f$, $\nabla f$
    and the Gauss-Newton curvature $H_{GN}$; the step is accepted by the Armijo test (with a
    rounding allowance of a few ulps of $f$), else $a$ shrinks by safeguarded quadratic
-   interpolation. It ends converged, or hands over after slow accepted steps (damped, or
-   contracting $\max|\nabla f|$ by less than 2x): two in a row near the mode or with a tiny
-   decrease of $f$, four where $\max|\nabla f| < \max(1, |f|)$ (large-residual subjects, where $H_{GN}$ misses the residual
-   term).
+   interpolation. The first iteration evaluates the start. It hands over to phase 2 once
+   $\max|\nabla f| <$ `handover_gtol` $\max(1, |f|)$ (default 1e-5: Gauss-Newton converges
+   only linearly, Newton with the exact Hessian that phase 2 computes anyway takes the last
+   four or more digits in one step), or after slow accepted steps (damped, or contracting
+   $\max|\nabla f|$ by less than 2x): two in a row near the mode or with a tiny decrease of
+   $f$, four where $\max|\nabla f| < \max(1, |f|)$ (large-residual subjects, where $H_{GN}$
+   misses the residual term).
 2. Newton with a lazily refreshed exact Hessian: the exact $H$ (forward over forward, which
    also gives $f$ and $\nabla f$) is computed at the current point and reused for chord steps
-   $d = -H^{-1}\nabla f$ (value and gradient only) while they contract the gradient at least
-   4x; otherwise, or when the mode has moved more than `hess_xtol` from where $H$ was taken,
-   $H$ is recomputed. A subject that converges in phase 1 costs exactly one Hessian.
+   $d = -|H|^{-1}\nabla f$ (the Gauss-Newton pass, for value and gradient) while they contract
+   the gradient at least 4x; otherwise, or when the mode has moved more than `hess_xtol` from
+   where $H$ was taken, $H$ is recomputed. $|H|$ takes absolute eigenvalues (saddle-free
+   Newton), so an indefinite $H$ far from the mode still gives a descent direction of
+   sensible length. A typical subject costs one exact Hessian and one chord step.
 
-The returned Hessian is exact at a point within `hess_xtol` (max norm, unconstrained eta
-scale) of the returned mode; the returned gradient norm is exact at the mode.
+The returned Hessian is exact at a point within `hess_xtol` (default 1e-4, max norm,
+unconstrained eta scale) of the returned mode (in practice the last chord step is far
+shorter: its length is about $|H^{-1}\nabla f|$ at `handover_gtol`); the returned gradient
+norm is exact at the mode, and below `newton_gtol` relative when converged.
 """
 
 from __future__ import annotations
@@ -43,10 +50,14 @@ class ModeResult(NamedTuple):
 
 
 def _solve_pd(H, g):
-    """Solve `H d = g` after lifting eigenvalues to a small positive floor."""
+    r"""Solve $|H| d = g$, $|H| = V \max(|\Lambda|, \epsilon) V^T$ (saddle-free Newton): where
+    the exact Hessian is indefinite, far from the mode, a negative-curvature direction is
+    followed downhill with its own curvature as the scale instead of a near-infinite step
+    (flooring negative eigenvalues at a tiny $\epsilon$ makes such steps fail the line search
+    until the step length underflows). Unchanged where $H$ is positive definite."""
     w, V = jnp.linalg.eigh(0.5 * (H + H.T))
-    floor = 1e-8 * jnp.maximum(jnp.max(jnp.abs(w)), 1.0)
-    w = jnp.maximum(w, floor)
+    aw = jnp.abs(w)
+    w = jnp.maximum(aw, 1e-8 * jnp.maximum(jnp.max(aw), 1.0))
     return V @ ((V.T @ g) / w)
 
 
@@ -103,7 +114,8 @@ def find_mode(
     newton_iter: int = 10,
     newton_gtol: float = 1e-9,
     max_hessians: int = 10,
-    hess_xtol: float = 1e-6,
+    hess_xtol: float = 1e-4,
+    handover_gtol: float = 1e-5,
     check_start: bool = True,
 ) -> ModeResult:
     """The mode of `f_i` from `eta0` for one subject (vmap over subjects).
@@ -125,20 +137,19 @@ def find_mode(
     scale = lambda f: jnp.maximum(1.0, jnp.abs(jnp.where(jnp.isfinite(f), f, 1.0)))
     amin = 1e-10
 
-    if check_start:
-        bad = ~jnp.isfinite(fun(eta0))
-        eta0 = jnp.where(bad, jnp.zeros_like(eta0), eta0)
-    f0, g0, H0 = gn(eta0)
-
     # -- phase 1: Gauss-Newton ------------------------------------------------------------
+    # The first iteration evaluates the start point itself (trial step 0, accepted): the
+    # Gauss-Newton pass is traced, and compiled, once. With `check_start`, a start where f is
+    # not finite is replaced by zero, evaluated in the next iteration.
     def gn_cond(c):
-        return ~c["stop"] & (c["k"] < max_iter)
+        return ~c["stop"] & (c["k"] < max_iter + 1 + c["restarted"])
 
     def gn_body(c):
-        eta, f, g, d, a = c["eta"], c["f"], c["g"], c["d"], c["a"]
+        eta, f, g, d, a, first = c["eta"], c["f"], c["g"], c["d"], c["a"], c["first"]
         slope = g @ d
         ft, gt, Ht = gn(eta + a * d)
-        ok = _accept(f, ft, g, gt, a, slope)
+        restart = first & check_start & ~c["restarted"] & ~jnp.isfinite(ft)
+        ok = (first | _accept(f, ft, g, gt, a, slope)) & ~restart
         eta = jnp.where(ok, eta + a * d, eta)
         f_new = jnp.where(ok, ft, f)
         g_new = jnp.where(ok, gt, g)
@@ -148,21 +159,38 @@ def find_mode(
         gm, gm_old = _gmax(g_new), _gmax(g)
         # Slow: an accepted step that was damped or contracted the gradient < 2x (the GN
         # curvature is poor); rejected trial points only shrink the step.
-        slow_step = (c["a"] < 1.0) | (gm > 0.5 * gm_old)
+        slow_step = ~first & ((c["a"] < 1.0) | (gm > 0.5 * gm_old))
         slow = jnp.where(ok, jnp.where(slow_step, c["slow"] + 1, 0), c["slow"])
         near = gm < gtol * scale(f_new)
-        tiny = (f - f_new) < 1e-6 * scale(f)
-        conv = gm < newton_gtol * scale(f_new)
+        tiny = ~first & ((f - f_new) < 1e-6 * scale(f))
+        conv = gm < handover_gtol * scale(f_new)
         stop = (
-            conv | ((slow >= 2) & (near | tiny)) | ((slow >= 4) & (gm < scale(f_new))) | (a < amin)
+            conv
+            | ((slow >= 2) & (near | tiny))
+            | ((slow >= 4) & (gm < scale(f_new)))
+            | (a < amin)
+            | (first & ~jnp.isfinite(f_new))
         )
         return dict(
-            eta=eta, f=f_new, g=g_new, H=H_new, d=d, a=a, k=c["k"] + 1, slow=slow, stop=stop
+            eta=jnp.where(restart, jnp.zeros_like(eta), eta),
+            f=f_new,
+            g=g_new,
+            H=H_new,
+            d=d,
+            a=jnp.where(restart, 0.0, a),
+            k=c["k"] + 1,
+            slow=slow,
+            stop=stop & ~restart,
+            first=restart,
+            restarted=c["restarted"] | restart,
         )
 
-    conv0 = _gmax(g0) < newton_gtol * scale(f0)
-    c = dict(eta=eta0, f=f0, g=g0, H=H0, d=-_solve_pd(H0, g0), a=jnp.asarray(1.0), k=0)
-    c = jax.lax.while_loop(gn_cond, gn_body, c | dict(slow=0, stop=conv0 | ~jnp.isfinite(f0)))
+    n = eta0.shape[0]
+    z = jnp.zeros_like(eta0)
+    c = dict(eta=eta0, f=jnp.zeros((), eta0.dtype), g=z, H=jnp.zeros((n, n), eta0.dtype), d=z)
+    c = c | dict(a=jnp.asarray(0.0, eta0.dtype), k=0, slow=0, stop=False, first=True)
+    c = c | dict(restarted=False)
+    c = jax.lax.while_loop(gn_cond, gn_body, c)
 
     # -- phase 2: Newton, exact Hessian refreshed lazily, chord steps in between -----------
     def chord_cond(s):
@@ -171,7 +199,7 @@ def find_mode(
     def chord_body(s):
         eta, f, g, d, a, H = s["eta"], s["f"], s["g"], s["d"], s["a"], s["H"]
         slope = g @ d
-        ft, gt = _value_grad(fun, eta + a * d)
+        ft, gt, _ = gn(eta + a * d)  # the Gauss-Newton pass: no other copy of the model
         ok = _accept(f, ft, g, gt, a, slope)
         eta = jnp.where(ok, eta + a * d, eta)
         f_new = jnp.where(ok, ft, f)
