@@ -18,7 +18,9 @@ What is measured (wall seconds, warm, on this machine's CPUs):
   three stimulatory turnover PD endpoints, 6 correlated random effects on the PD parameters,
   8/7/7 samples per endpoint, 100/200/400 mg once daily x 3, additive noise 5-14 % of
   baseline), data simulated with `popkin.simulate`. popkin: `popkin.nlme._fit._modes` (vmapped
-  Gauss-Newton + Newton polish, exact Hessian by forward-over-forward AD), warm, from eta = 0,
+  Gauss-Newton to a 1e-5 relative gradient, then Newton steps with the exact Hessian, by
+  forward-over-forward AD, to 1e-9; the Hessian is exact at a point within `hess_xtol` of the
+  returned mode, the distance being one Newton step from the hand-over), warm, from eta = 0,
   subjects split into equal chunks run on a thread pool, one per CPU (`popkin.nlme._chunks`).
   SciPy: per subject piecewise `solve_ivp` predictions, `scipy.optimize.minimize` (BFGS,
   finite-difference gradient) from eta = 0, and a central-difference Hessian of the objective
