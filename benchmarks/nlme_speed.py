@@ -21,7 +21,8 @@ What is measured (wall seconds, warm, on this machine's CPUs):
   Gauss-Newton to a 1e-5 relative gradient, then Newton steps with the exact Hessian, by
   forward-over-forward AD, to 1e-9; the Hessian is exact at a point within `hess_xtol` of the
   returned mode, the distance being one Newton step from the hand-over), warm, from eta = 0,
-  subjects split into equal chunks run on a thread pool, one per CPU (`popkin.nlme._chunks`).
+  subjects split into equal chunks run on a thread pool (`--threads`, default 2: popkin's
+  opt-in `POPKIN_THREADS`, see `popkin.nlme._chunks`).
   SciPy: per subject piecewise `solve_ivp` predictions, `scipy.optimize.minimize` (BFGS,
   finite-difference gradient) from eta = 0, and a central-difference Hessian of the objective
   at the mode. SciPy's solver runs at rtol 1e-8 / atol 1e-10 (a central-difference Hessian with
@@ -527,7 +528,15 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (compile-bound)")
     ap.add_argument("--out", type=Path, default=None, help="output directory")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="POPKIN_THREADS for the run (per-subject chunks on threads; opt-in in popkin, "
+        "see popkin.nlme._chunks)",
+    )
     args = ap.parse_args(argv)
+    os.environ["POPKIN_THREADS"] = str(args.threads)
     if args.quick:
         args.n, args.scipy_n, args.repeats = 4, 1, 0
     out_dir = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS)
@@ -548,8 +557,8 @@ def main(argv=None) -> dict:
         "python": platform.python_version(),
         "jax": jax.__version__,
         "scipy": scipy.__version__,
-        # popkin splits per-subject work into this many thread-parallel chunks (>= 64
-        # subjects each; theophylline's 12 subjects run as one); SciPy is one loop
+        # popkin splits per-subject work into this many thread-parallel chunks (--threads,
+        # opt-in; >= 64 subjects each; theophylline's 12 subjects run as one); SciPy is one loop
         "popkin_threads_ebe_500": n_chunks(args.n),
         "loadavg_start": [round(x, 2) for x in load0],
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],

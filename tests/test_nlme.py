@@ -157,7 +157,9 @@ def test_inner_mode_reaches_the_minimum_through_an_indefinite_hessian():
     times = [0.5, 1, 2, 4, 8, 12, 24, 48]
     dv = [3.341334315073118, 4.112055541439931, 3.313994829049022, 1.6854488893323332,
           0.673228447249144, 0.17536801746046035, 0.0077781081017893215, 9.461191563771252e-06]  # fmt: skip
-    rows = [(1, 0.0, np.nan, 200.0, 1)] + [(1, t, y, 0.0, 0) for t, y in zip(times, dv, strict=True)]
+    rows = [(1, 0.0, np.nan, 200.0, 1)] + [
+        (1, t, y, 0.0, 0) for t, y in zip(times, dv, strict=True)
+    ]
     table = pd.DataFrame(rows, columns=["ID", "TIME", "DV", "AMT", "EVID"])
 
     class PK(popkin.Model):

@@ -8,8 +8,15 @@ its own slowest subject. Chunks are padded to equal size (by repeating the last 
 that one program is compiled; the padding is cut from the results. Results do not depend on
 the number of chunks (subjects are independent).
 
-The number of threads is `$POPKIN_THREADS` if set, else the number of CPUs; chunking is used
+The number of threads is `$POPKIN_THREADS` if set, else 1 (no splitting); chunking is used
 only on a CPU backend and with at least `MIN_PER_CHUNK` subjects per chunk.
+
+Opt-in because it can hang: with jaxlib 0.10.2, exp1's joint fit (200 subjects, a 6-eta
+closed-form PD model) hung at its first evaluation on 2 chunks, deterministically, both chunk
+threads in `block_until_ready` and no XLA worker running; it completes with one thread, and
+neither `--xla_cpu_multi_thread_eigen=false` nor `jax_cpu_enable_async_dispatch=False`
+prevents it. The cause inside XLA:CPU is not known. (The EBE benchmark's ODE programs ran on
+2 chunks without hanging, ~1.4x faster on this 2-vCPU machine.)
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ MIN_PER_CHUNK = 64
 
 
 def n_threads() -> int:
-    """Threads for per-subject work: `$POPKIN_THREADS`, else the CPU count."""
+    """Threads for per-subject work: `$POPKIN_THREADS`, else 1 (see the module docstring)."""
     env = os.environ.get("POPKIN_THREADS")
     if env:
         try:
@@ -35,7 +42,7 @@ def n_threads() -> int:
         if n < 1:
             raise ValueError(f"POPKIN_THREADS must be a positive integer, got {env!r}")
         return n
-    return os.cpu_count() or 1
+    return 1
 
 
 def n_chunks(n_subjects: int) -> int:
