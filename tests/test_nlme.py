@@ -162,22 +162,17 @@ def test_inner_mode_reaches_the_minimum_through_an_indefinite_hessian():
     ]
     table = pd.DataFrame(rows, columns=["ID", "TIME", "DV", "AMT", "EVID"])
 
-    class PK(popkin.Model):
-        theta = popkin.Params(tka=0.0, tcl=1.5, tv=4.0)
-        omega = popkin.Omega(eta_ka=0.1, eta_cl=0.1, eta_v=0.1)
-        sigma = popkin.Params(prop=popkin.Positive(0.15))
-        dynamics = popkin.OneCmtOral()
+    from popkin.models.library import OneCmtOralProp
 
-        def individual(self, th, eta, cov):
-            return dict(ka=jnp.exp(th.tka + eta.eta_ka), cl=jnp.exp(th.tcl + eta.eta_cl),
-                        v=jnp.exp(th.tv + eta.eta_v))  # fmt: skip
-
-        def observe(self, p, sol, sg):
-            return {"cp": popkin.proportional(sol.central / p["v"], sg.prop)}
+    model = OneCmtOralProp().replace(
+        theta=popkin.Params(tka=0.0, tcl=1.5, tv=4.0),
+        omega=popkin.Omega(eta_ka=0.1, eta_cl=0.1, eta_v=0.1),
+        sigma=popkin.Params(prop_sd=popkin.Positive(0.15)),
+    )
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an inner non-convergence warning fails the test
-        fit = popkin.fit(PK(), table, "focei", maxeval=0)
+        fit = popkin.fit(model, table, "focei", maxeval=0)
 
     t = np.asarray(times)
 
