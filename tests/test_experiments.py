@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -35,12 +33,9 @@ def test_exp2_quick(tmp_path):
     assert test["flow"]["dll"] > test["gaussian"]["dll"]
 
 
-@pytest.mark.slow
 def test_exp3_quick(tmp_path):
     """Interim prediction: the joined priors use the biomarkers to predict the unobserved PE
-    slope, so their R² beats the independent prior's. Slow: three fits on 100 subjects with
-    ~100 records each and three compilations of the 6-eta joint mode search (~8 min on the
-    shared, heavily loaded 2-core machine; not measured unloaded)."""
+    slope, so their R² beats the independent prior's (~55 s on the 2-core machine)."""
     exp3 = _load("exp3_interim")
     exp3.main(["--quick", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "exp3.json").read_text())
@@ -52,10 +47,9 @@ def test_exp3_quick(tmp_path):
     assert r2["oracle"] > r2["independent"] + 0.05
 
 
-@pytest.mark.slow
 def test_exp1_quick(tmp_path):
-    """PK + 3 PD endpoints: joint fit >= post-hoc Gaussian > independent (test ΔLL). Slow: a
-    PK fit, three PD fits and a 6x6-Omega joint fit (several minutes on 2 cores)."""
+    """PK + 3 PD endpoints: joint fit >= post-hoc Gaussian > independent (test ΔLL): a PK fit,
+    three PD fits, two joins and a 6x6-Omega joint fit (~80 s on the 2-core machine)."""
     exp1 = _load("exp1_pkpd")
     exp1.main(["--quick", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "exp1.json").read_text())

@@ -132,6 +132,28 @@ def test_fixed_prior_is_used_and_not_estimated():
     assert fit2.status == popkin.FitStatus.SUCCESS
 
 
+def test_fit_stops_when_the_ofv_stalls():
+    """`ftol`: a fit stops once the lowest OFV has decreased by less than `ftol` over the last
+    `STALL_EVALS` evaluations, returns the best point seen, and says why. With an absurdly
+    large `ftol` the stop comes exactly one window after the first evaluation; with the
+    default the fit reaches the same optimum as with the stall rule switched off."""
+    from popkin.nlme._fit import STALL_EVALS
+
+    df = _linear_gaussian_data()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        early = popkin.fit(LinearGaussian(), df, "focei", covariance=None, ftol=1e12)
+    assert early.n_evaluations == STALL_EVALS + 1
+    assert early.ofv == pytest.approx(min(early.history), abs=1e-9)
+    assert any("over the last" in m for m in early.messages)
+    default = popkin.fit(LinearGaussian(), df, "focei", covariance=None)
+    off = popkin.fit(LinearGaussian(), df, "focei", covariance=None, ftol=-np.inf)
+    assert default.status == off.status == popkin.FitStatus.SUCCESS
+    assert default.ofv == pytest.approx(off.ofv, abs=1e-6)
+    assert default.n_evaluations <= off.n_evaluations
+    assert early.ofv >= off.ofv - 1e-9
+
+
 class Broken(LinearGaussian):
     def observe(self, p, sol, sg):
         return {"y": popkin.additive(jnp.log(p["m"] - 100.0) + 0.0 * sol.t, sg.sd)}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..nlme._objective import SubjectProblem
+from ..nlme._objective import SubjectProblem, prior_value_grad_hess
 
 
 class JointProblem:
@@ -58,8 +58,8 @@ class JointProblem:
             v = v + vi
             gs.append(g)
             Hs.append(H)
-        lp, gp = jax.value_and_grad(prior.log_prob)(eta)
-        H = jax.scipy.linalg.block_diag(*Hs) - jax.hessian(prior.log_prob)(eta)
+        lp, gp, Hp = prior_value_grad_hess(prior, eta)
+        H = jax.scipy.linalg.block_diag(*Hs) - Hp
         return v - lp, jnp.concatenate(gs) - gp, H
 
     def grad_and_gn(self, params, prior, eta, subj, ls0=None):

@@ -29,6 +29,13 @@ from ._inner import find_mode
 from ._objective import METHODS, SubjectProblem
 from ._result import Fit, FitStatus
 
+#: `fit` stops when the lowest OFV has decreased by less than `ftol` over this many evaluations.
+STALL_EVALS = 10
+
+
+class _Stalled(Exception):
+    """Raised inside the BFGS objective to stop a fit whose OFV no longer decreases."""
+
 
 def _prior(params: ModelParams, fixed_prior):
     return fixed_prior if fixed_prior is not None else Gaussian(params.omega)
@@ -134,6 +141,7 @@ def fit(
     maxeval: int = 500,
     covariance: str | None = "r",
     gtol: float = 1e-4,
+    ftol: float = 1e-6,
     progress: bool | Callable = False,
 ) -> Fit:
     """Estimate `model` on `data` (a `Population`, DataFrame or CSV path).
@@ -146,6 +154,11 @@ def fit(
     - `maxeval`: maximum objective evaluations; 0 evaluates the objective at `params` only
       (NONMEM's MAXEVAL=0).
     - `covariance`: "r" (inverse R matrix), "sandwich" (R^-1 S R^-1) or None.
+    - `gtol`: converged when max |d OFV / d u| < gtol (u: the unconstrained parameters).
+    - `ftol`: also stop when the lowest OFV has decreased by less than `ftol` over the last
+      `STALL_EVALS` evaluations (BFGS line searches at the rounding level of the OFV otherwise
+      spend dozens of evaluations without moving it); accepted as converged under the same
+      gradient check as BFGS's precision-loss stop.
     - `progress`: True for a progress display, or a callback `f(n_eval, ofv)`.
 
     **Returns:** a `Fit` whose `ofv` is -2 log-likelihood without the N log(2 pi) constant.
@@ -164,7 +177,8 @@ def fit(
     engine = _Engine(model, population, method, prior)
     params0 = params if params is not None else default_params(model)
     u0 = np.asarray(engine.pack(params0), float)
-    state = {"eta": engine.eta_start(), "n": 0, "best": (np.inf, u0), "history": []}
+    state = {"eta": engine.eta_start(), "n": 0, "best": (np.inf, u0), "history": [],
+             "best_hist": [], "best_jac": None}  # fmt: skip
     messages: list[str] = []
 
     def evaluate(u):
@@ -183,12 +197,18 @@ def fit(
         if not np.isfinite(total):
             return np.inf, np.zeros_like(u)
         state["history"].append(total)
+        grad = np.sum(jac, axis=0)
         if total < state["best"][0]:
             state["best"] = (total, np.array(u))
             state["eta"] = res.eta
+            state["best_jac"] = grad
         if report:
             report(state["n"], total)
-        return total, np.sum(jac, axis=0)
+        bh = state["best_hist"]
+        bh.append(state["best"][0])
+        if len(bh) > STALL_EVALS and bh[-STALL_EVALS - 1] - bh[-1] < ftol:
+            raise _Stalled
+        return total, grad
 
     status = FitStatus.SUCCESS
     if maxeval == 0 or u0.size == 0:
@@ -201,24 +221,34 @@ def fit(
             # the unconstrained scale (BFGS's identity start takes a step of -gradient).
             f0, g0 = fun(u0)
             step = 0.5 / max(float(np.max(np.abs(g0))), 1e-8) if np.isfinite(f0) else 1e-3
-            opt = scipy.optimize.minimize(
-                fun,
-                u0,
-                jac=True,
-                method="BFGS",
-                options={"maxiter": maxeval, "gtol": gtol, "hess_inv0": step * np.eye(u0.size)},
-            )
+            try:
+                opt = scipy.optimize.minimize(
+                    fun,
+                    u0,
+                    jac=True,
+                    method="BFGS",
+                    options={
+                        "maxiter": maxeval,
+                        "gtol": gtol,
+                        "hess_inv0": step * np.eye(u0.size),
+                    },
+                )
+                success, nit, message = opt.success, opt.nit, opt.message
+                jac_end = opt.jac
+            except _Stalled:
+                success, nit, jac_end = False, None, state["best_jac"]
+                message = f"OFV decreased by < {ftol:g} over the last {STALL_EVALS} evaluations"
         u_hat = state["best"][1]
-        if not opt.success:
-            gnorm = float(np.max(np.abs(opt.jac))) if opt.jac is not None else np.inf
-            if state["n"] >= maxeval or opt.nit >= maxeval:
+        if not success:
+            gnorm = float(np.max(np.abs(jac_end))) if jac_end is not None else np.inf
+            if state["n"] >= maxeval or (nit is not None and nit >= maxeval):
                 status = FitStatus.MAX_EVALUATIONS
-                messages.append(f"stopped after {opt.nit} iterations (maxeval={maxeval})")
+                messages.append(f"stopped after {state['n']} evaluations (maxeval={maxeval})")
             elif gnorm < 1e-2 * max(1.0, abs(state["best"][0])) ** 0.5:
-                messages.append(f"BFGS: {opt.message} (max |gradient| {gnorm:.2g}; accepted)")
+                messages.append(f"BFGS: {message} (max |gradient| {gnorm:.2g}; accepted)")
             else:
                 status = FitStatus.OUTER_NOT_CONVERGED
-                messages.append(f"BFGS: {opt.message} (max |gradient| {gnorm:.2g})")
+                messages.append(f"BFGS: {message} (max |gradient| {gnorm:.2g})")
     if report and hasattr(report, "close"):
         report.close()
     res, vals, jac = evaluate(u_hat)

@@ -34,7 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ._objective import SubjectProblem
+from ._objective import SubjectProblem, _value_grad_hess
 
 _ROUND = 1e-14  # Armijo rounding allowance, relative to max(1, |f|)
 
@@ -63,26 +63,6 @@ def _solve_pd(H, g):
 
 def _gmax(g):
     return jnp.max(jnp.abs(g)) if g.shape[0] else jnp.asarray(0.0)
-
-
-def _value_grad(fun, eta):
-    """`f(eta)` and its gradient by forward mode (one pass, n_eta tangents)."""
-    n = eta.shape[0]
-    if n == 0:
-        return fun(eta), jnp.zeros_like(eta)
-    fs, gs = jax.vmap(lambda v: jax.jvp(fun, (eta,), (v,)))(jnp.eye(n, dtype=eta.dtype))
-    return fs[0], gs
-
-
-def _value_grad_hess(fun, eta):
-    """`f`, gradient and exact (symmetrised) Hessian by forward over forward mode."""
-
-    def vg(e):
-        f, g = _value_grad(fun, e)
-        return g, (f, g)
-
-    H, (f, g) = jax.jacfwd(vg, has_aux=True)(eta)
-    return f, g, 0.5 * (H + H.T)
 
 
 def _accept(f, ft, g, gt, a, slope):

@@ -40,6 +40,38 @@ def _terms(loc, ls, y, rec):
     return jnp.where(rec.obs, term, 0.0)
 
 
+def _value_grad(fun, eta):
+    """`f(eta)` and its gradient by forward mode (one pass, n_eta tangents)."""
+    n = eta.shape[0]
+    if n == 0:
+        return fun(eta), jnp.zeros_like(eta)
+    fs, gs = jax.vmap(lambda v: jax.jvp(fun, (eta,), (v,)))(jnp.eye(n, dtype=eta.dtype))
+    return fs[0], gs
+
+
+def _value_grad_hess(fun, eta):
+    """`f`, gradient and exact (symmetrised) Hessian by forward over forward mode."""
+
+    def vg(e):
+        f, g = _value_grad(fun, e)
+        return g, (f, g)
+
+    H, (f, g) = jax.jacfwd(vg, has_aux=True)(eta)
+    return f, g, 0.5 * (H + H.T)
+
+
+def prior_value_grad_hess(prior, eta):
+    """`log p(eta)`, its gradient and Hessian from one forward-over-reverse pass (the prior,
+    e.g. a normalising flow, is traced once rather than once per quantity)."""
+
+    def grad_aux(e):
+        lp, g = jax.value_and_grad(prior.log_prob)(e)
+        return g, (lp, g)
+
+    H, (lp, g) = jax.jacfwd(grad_aux, has_aux=True)(eta)
+    return lp, g, H
+
+
 class SubjectProblem:
     """Closures of one model for one method; all functions are per subject and vmappable.
 
@@ -86,15 +118,14 @@ class SubjectProblem:
     def grad_and_gn(self, params, prior, eta, subj, ls0=None):
         """Gradient of `f` and its Gauss-Newton curvature (PSD for the data part)."""
         g, H = self.data_grad_and_gn(params, eta, subj, ls0)
-        gp = jax.grad(prior.log_prob)(eta)
-        Hp = jax.hessian(prior.log_prob)(eta)
+        _, gp, Hp = prior_value_grad_hess(prior, eta)
         return g - gp, H - Hp
 
     def value_grad_and_gn(self, params, prior, eta, subj, ls0=None):
         """`f`, its gradient and its Gauss-Newton curvature from one forward-mode pass."""
         v, g, H = self.data_grad_and_gn(params, eta, subj, ls0, value=True)
-        lp, gp = jax.value_and_grad(prior.log_prob)(eta)
-        return v - lp, g - gp, H - jax.hessian(prior.log_prob)(eta)
+        lp, gp, Hp = prior_value_grad_hess(prior, eta)
+        return v - lp, g - gp, H - Hp
 
     def data_grad_and_gn(self, params, eta, subj, ls0=None, value=False):
         """Gradient and Gauss-Newton curvature of the data part of `f` (no prior); with
@@ -151,13 +182,14 @@ class SubjectProblem:
         fe = lambda e: self.f(params, prior, e, subj, ls0)
         g = jax.jacfwd(fe)(eta_hat)
         eta = eta_hat - jax.lax.stop_gradient(Hinv) @ g
+        # f and the curvature at eta from one pass (one traced copy of the model).
         if self.method == "laplace":
-            H = jax.jacfwd(jax.jacfwd(fe))(eta)
+            f, _, H = _value_grad_hess(fe, eta)
         else:
-            H = self.grad_and_gn(params, prior, eta, subj, ls0)[1]
+            f, _, H = self.value_grad_and_gn(params, prior, eta, subj, ls0)
         sign, logdet = jnp.linalg.slogdet(H)
         logdet = jnp.where(sign > 0, logdet, jnp.nan)
-        return 2.0 * fe(eta) + logdet - eta.shape[0] * LOG_2PI
+        return 2.0 * f + logdet - eta.shape[0] * LOG_2PI
 
     def ofv_fo(self, params, subj):
         """FO: `log|C| + r^T C^{-1} r`, `C = G Omega G^T + diag(scale0^2)`, at eta = 0."""
