@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,6 +136,27 @@ def test_superposition_is_linear_in_dose(amts, times, scale, n_per):
     )
     np.testing.assert_allclose(scaled, scale * whole, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(parts, whole, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kinds", [frozenset(), frozenset({"infusion"}), frozenset({"ss"})])
+def test_superposition_skips_only_dose_kinds_that_do_not_occur(kinds):
+    """With the static `Doses.kinds` saying which special doses occur, the closed form traces
+    only those terms; on data of those kinds it equals the general expression (kinds None)."""
+    m = popkin.LinearPK(n_peripheral=1, oral=True)
+    tt = jnp.array([0.0, 5.0, 12.0])
+    kw = {}
+    if "infusion" in kinds:
+        kw = dict(rate=jnp.array([0.0, 40.0, 0.0]), dur=jnp.array([0.0, 2.5, 0.0]))
+    if "ss" in kinds:
+        kw = dict(ss=jnp.array([1, 0, 0], jnp.int32), ii=jnp.array([12.0, 0.0, 0.0]))
+    d = doses(tt, [100.0, 100.0, 50.0], **kw)
+    t = jnp.linspace(0.0, 30.0, 31)
+    general = m.amounts(P2, d, t, None)
+    specific = m.amounts(P2, dataclasses.replace(d, kinds=kinds), t, None)
+    np.testing.assert_allclose(specific, general, rtol=1e-13, atol=1e-13)
+    if kinds:  # the data exercise the special terms: dropping them changes the amounts
+        bolus_only = m.amounts(P2, dataclasses.replace(d, kinds=frozenset()), t, None)
+        assert np.max(np.abs(np.asarray(bolus_only) - np.asarray(general))) > 1.0
 
 
 def test_params_and_omega_transforms_round_trip():

@@ -97,34 +97,49 @@ def superpose(mu, coef, eff: Doses, record_time, times, rows=None):
     """State amounts `(R, n_states)` at `times` by superposition of every dose's response.
 
     A dose acts on a record at its own time only if it comes first in row order (when both
-    `rows` and `eff.row` are known)."""
+    `rows` and `eff.row` are known). Infusion and steady-state terms are traced only where the
+    static `eff.kinds` says such doses occur (or is unknown): a smaller program to compile and
+    run for the common bolus-only data."""
+    kinds = eff.kinds
+    has_inf = kinds is None or "infusion" in kinds
+    has_ss = kinds is None or "ss" in kinds
     t = times[:, None]
     delta = t - eff.time[None, :]
     m = mu[None, None, :]
-    is_inf = eff.dur > 0
-    continuous = jnp.isinf(eff.dur)
-    dur = jnp.where(continuous, 0.0, eff.dur)[None, :, None]
-    rate = eff.rate[None, :, None]
     amt = eff.amt[None, :, None]
     dpos = jnp.maximum(delta, 0.0)[:, :, None]
-    s = jnp.minimum(dpos, dur)
-    bolus = amt * jnp.exp(m * dpos)
-    infusion = rate * jnp.exp(m * (dpos - s)) * (jnp.expm1(m * s) / m)
-    single = jnp.where(is_inf[None, :, None], infusion, bolus)
+    if has_inf:
+        is_inf = eff.dur > 0
+        continuous = jnp.isinf(eff.dur)
+        dur = jnp.where(continuous, 0.0, eff.dur)[None, :, None]
+        rate = eff.rate[None, :, None]
+        s = jnp.minimum(dpos, dur)
+        bolus = amt * jnp.exp(m * dpos)
+        infusion = rate * jnp.exp(m * (dpos - s)) * (jnp.expm1(m * s) / m)
+        single = jnp.where(is_inf[None, :, None], infusion, bolus)
+    else:
+        single = amt * jnp.exp(m * dpos)
     single = jnp.where((delta >= 0)[:, :, None], single, 0.0)
-    ssd = eff.ss > 0
-    ii = jnp.where(ssd, eff.ii, 1.0)[None, :, None]
-    r = jnp.exp(m * ii) / (-jnp.expm1(m * ii))
-    # delta may be negative (within the lag after an SS record); clamp the exponent's argument
-    # only where the term is masked out anyway.
-    dss = jnp.where(ssd[None, :], delta, 0.0)[:, :, None]
-    past_bolus = amt * jnp.exp(m * dss) * r
-    past_inf = rate * jnp.exp(m * (dss - dur)) * (jnp.expm1(m * dur) / m) * r
-    past = jnp.where(is_inf[None, :, None], past_inf, past_bolus)
-    past = jnp.where(continuous[None, :, None], rate * (-1.0 / m), past)
-    single = jnp.where(continuous[None, :, None], 0.0, single)
-    weight = single + jnp.where(ssd[None, :, None], past, 0.0)
-    start = jnp.where(ssd, record_time, eff.time)
+    if has_ss:
+        ssd = eff.ss > 0
+        ii = jnp.where(ssd, eff.ii, 1.0)[None, :, None]
+        r = jnp.exp(m * ii) / (-jnp.expm1(m * ii))
+        # delta may be negative (within the lag after an SS record); clamp the exponent's
+        # argument only where the term is masked out anyway.
+        dss = jnp.where(ssd[None, :], delta, 0.0)[:, :, None]
+        past = amt * jnp.exp(m * dss) * r
+        if has_inf:
+            past_inf = rate * jnp.exp(m * (dss - dur)) * (jnp.expm1(m * dur) / m) * r
+            past = jnp.where(is_inf[None, :, None], past_inf, past)
+            past = jnp.where(continuous[None, :, None], rate * (-1.0 / m), past)
+        weight = jnp.where(ssd[None, :, None], past, 0.0)
+        start = jnp.where(ssd, record_time, eff.time)
+    else:
+        weight = 0.0
+        start = eff.time
+    if has_inf:
+        single = jnp.where(continuous[None, :, None], 0.0, single)
+    weight = single + weight
     after = t > start[None, :]
     same = t == start[None, :]
     if rows is not None and eff.row is not None:
