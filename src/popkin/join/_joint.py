@@ -257,12 +257,16 @@ def _modes(problem, params, prior, subj):
     return res, _is_pd(res.hessian)
 
 
-def _curvature(problem, params, prior, eta, H, pd_ok, s):
+def _curvature(problem, params, prior, eta, H, pd_ok, s, all_pd=False):
     r"""The curvature used for proposals and posterior covariances: the exact Hessian where it
     is PD, else the Gauss-Newton one; eigenvalues reflected ($|\lambda|$) and floored at
-    `EIG_FLOOR` x the largest. Returns `(w, V)` with the matrix $V \mathrm{diag}(w) V^T$."""
-    _, Hgn = problem.grad_and_gn(params, prior, eta, s)
-    Hc = jnp.where(pd_ok, H, Hgn)
+    `EIG_FLOOR` x the largest. Returns `(w, V)` with the matrix $V \mathrm{diag}(w) V^T$.
+    `all_pd` (static): every subject's Hessian is PD, so the Gauss-Newton pass is not traced."""
+    if all_pd:
+        Hc = H
+    else:
+        _, Hgn = problem.grad_and_gn(params, prior, eta, s)
+        Hc = jnp.where(pd_ok, H, Hgn)
     w, V = jnp.linalg.eigh(0.5 * (Hc + Hc.T))
     aw = jnp.abs(w)
     return jnp.maximum(aw, EIG_FLOOR * jnp.max(aw)), V
@@ -288,7 +292,7 @@ def _posterior(problem, params, prior, subj):
 
 
 @eqx.filter_jit
-def _evaluate_static(problem, params, prior, subj, key, n_is, df, eta, H, f, pd_ok):
+def _evaluate_static(problem, params, prior, subj, key, n_is, df, eta, H, f, pd_ok, all_pd):
     n = sum(problem.sizes)
     S = subj[0].records.time.shape[0]
     keys = jax.random.split(key, S)
@@ -302,7 +306,7 @@ def _evaluate_static(problem, params, prior, subj, key, n_is, df, eta, H, f, pd_
         ll_lap = -fm + 0.5 * n * LOG_2PI - 0.5 * logdet + const
         ll_lap = jnp.where(ok, ll_lap, jnp.nan)
         # Proposal: multivariate t(df) around the mode with scale = inverse curvature.
-        wf, V = _curvature(problem, params, prior, mode, Hm, ok, s)
+        wf, V = _curvature(problem, params, prior, mode, Hm, ok, s, all_pd)
         Lc = V / jnp.sqrt(wf)[None, :]
         kz, kg = jax.random.split(k)
         z = jax.random.normal(kz, (n_is, n))
@@ -332,6 +336,7 @@ def _evaluate(problem, params, prior, subj, key, n_is, df):
     ll_lap, ll_is, ess = _evaluate_static(
         problem, params, prior, subj, key, int(n_is), float(df),
         jnp.asarray(res.eta), jnp.asarray(res.hessian), jnp.asarray(res.f), jnp.asarray(pd_ok),
+        bool(np.all(pd_ok)),  # static: the common all-PD case traces no Gauss-Newton pass
     )  # fmt: skip
     return ll_lap, ll_is, ess, res.converged, pd_ok
 
