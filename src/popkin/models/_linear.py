@@ -117,9 +117,12 @@ def superpose(mu, coef, eff: Doses, record_time, times, rows=None):
         bolus = amt * jnp.exp(m * dpos)
         infusion = rate * jnp.exp(m * (dpos - s)) * (jnp.expm1(m * s) / m)
         single = jnp.where(is_inf[None, :, None], infusion, bolus)
+        # A continuous infusion (infinite duration) contributes only through its SS term.
+        single = jnp.where(continuous[None, :, None], 0.0, single)
     else:
         single = amt * jnp.exp(m * dpos)
-    single = jnp.where((delta >= 0)[:, :, None], single, 0.0)
+    weight = jnp.where((delta >= 0)[:, :, None], single, 0.0)
+    start = eff.time
     if has_ss:
         ssd = eff.ss > 0
         ii = jnp.where(ssd, eff.ii, 1.0)[None, :, None]
@@ -132,14 +135,8 @@ def superpose(mu, coef, eff: Doses, record_time, times, rows=None):
             past_inf = rate * jnp.exp(m * (dss - dur)) * (jnp.expm1(m * dur) / m) * r
             past = jnp.where(is_inf[None, :, None], past_inf, past)
             past = jnp.where(continuous[None, :, None], rate * (-1.0 / m), past)
-        weight = jnp.where(ssd[None, :, None], past, 0.0)
+        weight = weight + jnp.where(ssd[None, :, None], past, 0.0)
         start = jnp.where(ssd, record_time, eff.time)
-    else:
-        weight = 0.0
-        start = eff.time
-    if has_inf:
-        single = jnp.where(continuous[None, :, None], 0.0, single)
-    weight = single + weight
     after = t > start[None, :]
     same = t == start[None, :]
     if rows is not None and eff.row is not None:

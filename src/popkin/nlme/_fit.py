@@ -178,7 +178,7 @@ def fit(
     params0 = params if params is not None else default_params(model)
     u0 = np.asarray(engine.pack(params0), float)
     state = {"eta": engine.eta_start(), "n": 0, "best": (np.inf, u0), "history": [],
-             "best_hist": [], "best_jac": None}  # fmt: skip
+             "best_jac": None}  # fmt: skip
     messages: list[str] = []
 
     def evaluate(u):
@@ -204,9 +204,8 @@ def fit(
             state["best_jac"] = grad
         if report:
             report(state["n"], total)
-        bh = state["best_hist"]
-        bh.append(state["best"][0])
-        if len(bh) > STALL_EVALS and bh[-STALL_EVALS - 1] - bh[-1] < ftol:
+        h = state["history"]  # finite OFVs; the lowest is state["best"][0]
+        if len(h) > STALL_EVALS and min(h[:-STALL_EVALS]) - state["best"][0] < ftol:
             raise _Stalled
         return total, grad
 

@@ -109,11 +109,7 @@ def find_mode(
     """
     ls0 = problem._fixed_logscale(params, subj)
     fun = lambda e: problem.f(params, prior, e, subj, ls0)
-    vgg = getattr(problem, "value_grad_and_gn", None)
-    if vgg is None:
-        gn = lambda e: (fun(e), *problem.grad_and_gn(params, prior, e, subj, ls0))
-    else:
-        gn = lambda e: vgg(params, prior, e, subj, ls0)
+    gn = lambda e: problem.value_grad_and_gn(params, prior, e, subj, ls0)
     scale = lambda f: jnp.maximum(1.0, jnp.abs(jnp.where(jnp.isfinite(f), f, 1.0)))
     amin = 1e-10
 

@@ -117,9 +117,7 @@ class SubjectProblem:
 
     def grad_and_gn(self, params, prior, eta, subj, ls0=None):
         """Gradient of `f` and its Gauss-Newton curvature (PSD for the data part)."""
-        g, H = self.data_grad_and_gn(params, eta, subj, ls0)
-        _, gp, Hp = prior_value_grad_hess(prior, eta)
-        return g - gp, H - Hp
+        return self.value_grad_and_gn(params, prior, eta, subj, ls0)[1:]
 
     def value_grad_and_gn(self, params, prior, eta, subj, ls0=None):
         """`f`, its gradient and its Gauss-Newton curvature from one forward-mode pass."""
