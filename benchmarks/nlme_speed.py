@@ -21,8 +21,9 @@ What is measured (wall seconds, warm, on this machine's CPUs):
   Gauss-Newton to a 1e-5 relative gradient, then Newton steps with the exact Hessian, by
   forward-over-forward AD, to 1e-9; the Hessian is exact at a point within `hess_xtol` of the
   returned mode, the distance being one Newton step from the hand-over), warm, from eta = 0,
-  subjects split into equal chunks run on a thread pool (`--threads`, default 2: popkin's
-  opt-in `POPKIN_THREADS`, see `popkin.nlme._chunks`).
+  all subjects in one vmapped program on one thread (popkin's default; `--threads k` sets the
+  opt-in `POPKIN_THREADS`, subjects in k chunks on a thread pool, see `popkin.nlme._chunks`).
+  The ODE is solved by popkin's default `UnrolledTsit5` (diffrax's Tsit5, stages unrolled).
   SciPy: per subject piecewise `solve_ivp` predictions, `scipy.optimize.minimize` (BFGS,
   finite-difference gradient) from eta = 0, and a central-difference Hessian of the objective
   at the mode. SciPy's solver runs at rtol 1e-8 / atol 1e-10 (a central-difference Hessian with
@@ -455,7 +456,7 @@ def bench_ebe(n: int, n_scipy: int, repeats: int, with_breakdown: bool = True) -
         "scipy_scaled": True,
         "scipy_measured_s": scipy_sub,
         "scipy_ode_method": f"solve_ivp {sp.method} rtol {RTOL} atol {ATOL}",
-        "popkin_ode": f"diffrax Tsit5 rtol {POPKIN_RTOL} atol {POPKIN_ATOL}",
+        "popkin_ode": f"popkin UnrolledTsit5 (diffrax Tsit5, stages unrolled) rtol {POPKIN_RTOL} atol {POPKIN_ATOL}",
         "popkin_converged": int(np.asarray(res.converged).sum()),
         "popkin_max_iterations": int(np.asarray(res.iterations).max()),
         "max_abs_diff_eta_subset": d_eta,
@@ -531,9 +532,9 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--threads",
         type=int,
-        default=2,
-        help="POPKIN_THREADS for the run (per-subject chunks on threads; opt-in in popkin, "
-        "see popkin.nlme._chunks)",
+        default=1,
+        help="POPKIN_THREADS for the run (1, the default: one program; k > 1: per-subject "
+        "chunks on k threads, opt-in in popkin, see popkin.nlme._chunks)",
     )
     args = ap.parse_args(argv)
     os.environ["POPKIN_THREADS"] = str(args.threads)

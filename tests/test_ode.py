@@ -15,6 +15,7 @@ jax.config.update("jax_enable_x64", True)
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
 
+import diffrax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -30,6 +31,7 @@ from popkin.models._pd import (  # noqa: E402
     turnover,
     turnover_baseline,
 )
+from popkin.models._rk import UnrolledTsit5  # noqa: E402
 
 D = 4  # doses per subject after padding
 TIMES = np.array(
@@ -423,3 +425,39 @@ def test_reader_sets_dose_kinds():
     assert popkin.read_nonmem(df).subjects.doses.kinds == frozenset({"infusion", "ss"})
     plain = df.assign(RATE=0.0, SS=0, II=0.0)
     assert popkin.read_nonmem(plain).subjects.doses.kinds == frozenset()
+
+
+# -- solver ----------------------------------------------------------------------------------
+
+
+@jax.jit
+def _amounts_and_tangents(p, doses, resets):
+    """Amounts and their derivative along all parameters (forward mode), for both solvers."""
+    times = jnp.asarray(TIMES)
+    ref = ODE(linear_rhs, LINEAR_ODE.states, solver=diffrax.Tsit5())
+
+    def one(ode, p, d, r):
+        tangent = jax.tree.map(lambda x: 0.1 * x, p)
+        return jax.jvp(lambda q: ode.amounts(q, d, times, r), (p,), (tangent,))
+
+    return [jax.vmap(functools.partial(one, ode))(p, doses, resets) for ode in (LINEAR_ODE, ref)]
+
+
+def test_unrolled_tsit5_is_diffrax_tsit5():
+    """The default solver is diffrax's Tsit5 with unrolled stages: same tableau (its last row
+    of `a` is `b`, at c = 1, which the unrolled step relies on), so the same accepted steps,
+    amounts and forward-mode derivatives up to rounding, on every scenario (infusions, SS
+    periods with step clipping at jumps, resets)."""
+    tab = UnrolledTsit5.tableau
+    np.testing.assert_array_equal(tab.a_lower[-1], tab.b_sol[:-1])
+    assert tab.c[-1] == 1.0 and tab.b_sol[-1] == 0.0
+    assert isinstance(LINEAR_ODE.solver, UnrolledTsit5)
+    names = [k for k in SCENARIOS if k != "stiff_failure"]
+    inputs = [ode_inputs(m, p, rows, rs) for m, p, rows, rs in (SCENARIOS[k] for k in names)]
+    p, doses, resets = jax.tree.map(lambda *xs: jnp.stack(xs), *inputs)
+    (x, dx), (x_ref, dx_ref) = _amounts_and_tangents(p, doses, resets)
+    for got, ref in ((x, x_ref), (dx, dx_ref)):
+        got, ref = np.asarray(got), np.asarray(ref)
+        assert np.all(np.isfinite(ref))
+        scale = np.max(np.abs(ref), axis=(1, 2), keepdims=True)
+        np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-12 * scale.max())

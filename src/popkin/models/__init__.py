@@ -30,3 +30,4 @@ from ._pd import linear_progression as linear_progression
 from ._pd import pk_turnover_ode as pk_turnover_ode
 from ._pd import turnover as turnover
 from ._pd import turnover_baseline as turnover_baseline
+from ._rk import UnrolledTsit5 as UnrolledTsit5
