@@ -21,10 +21,12 @@ def _one_replicate(pred: Predictor, params: ModelParams, prior, subjects, n_eta:
     eta = prior.sample(k_eta, (n,)) if n_eta else jnp.zeros((n, 0))
 
     def subj(e, s, kk):
-        loc, scale, _, ipred = pred.distributions(params.theta, params.sigma, e, s)
-        _, _, _, p0 = pred.distributions(params.theta, params.sigma, jnp.zeros_like(e), s)
+        # IPRED (at eta) and PRED (at eta = 0) from one batched call: one traced copy of the
+        # model (an ODE model's solve is the bulk of the program).
+        dist = lambda x: pred.distributions(params.theta, params.sigma, x, s, True)
+        loc, scale, _, ipreds, logf = jax.vmap(dist)(jnp.stack([e, jnp.zeros_like(e)]))
+        loc, scale, ipred, p0, logf = loc[0], scale[0], ipreds[0], ipreds[1], logf[0]
         z = loc + scale * jax.random.normal(kk, loc.shape)
-        logf = pred.transforms(params.theta, params.sigma, s)
         return jnp.where(logf, jnp.exp(z), z), p0, ipred
 
     y, p0, ipred = jax.vmap(subj)(eta, subjects, jax.random.split(k_eps, n))

@@ -183,11 +183,19 @@ class Predictor:
         cov = Namespace(dict(zip(self.cov_names, subject.cov0, strict=True)))
         return self.model.individual(th, et, cov)
 
-    def distributions(self, theta: dict, sigma: dict, eta: jax.Array, subject: Subjects):
+    def distributions(
+        self,
+        theta: dict,
+        sigma: dict,
+        eta: jax.Array,
+        subject: Subjects,
+        with_transforms: bool = False,
+    ):
         """Stacked per-record Gaussian (on the transformed scale) for each record's endpoint.
 
         Returns `(loc, scale, y, pred)`, each `(R,)`: `y = g(DV)`, `pred` the prediction on the
-        DV scale (IPRED when eta is the EBE, PRED when eta = 0).
+        DV scale (IPRED when eta is the EBE, PRED when eta = 0); with `with_transforms`, also
+        `transforms`'s flags (from the same call: no second solve).
         """
         p = self.individual(theta, eta, subject)
         rec = subject.records
@@ -208,10 +216,15 @@ class Predictor:
         scale = pick(stack(lambda d: d.scale))
         y = pick(stack(lambda d: d.transform(jnp.where(rec.obs, rec.dv, 1.0))))
         pred = pick(stack(lambda d: d.prediction))
+        if with_transforms:
+            flags = jnp.asarray([bool(d.log_transform) for d in dists])
+            return loc, scale, y, pred, flags[idx]
         return loc, scale, y, pred
 
     def transforms(self, theta: dict, sigma: dict, subject: Subjects):
-        """Per-record (log_transform flag) of each record's endpoint distribution."""
+        """Per-record (log_transform flag) of each record's endpoint distribution (solves the
+        model at eta = 0; `distributions(..., with_transforms=True)` gives them with a solve
+        that is needed anyway)."""
         eta = jnp.zeros(len(self.model.eta_names))
         p = self.individual(theta, eta, subject)
         sol = None

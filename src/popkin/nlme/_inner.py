@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 
@@ -113,120 +114,126 @@ def find_mode(
     scale = lambda f: jnp.maximum(1.0, jnp.abs(jnp.where(jnp.isfinite(f), f, 1.0)))
     amin = 1e-10
 
-    # -- phase 1: Gauss-Newton ------------------------------------------------------------
-    # The first iteration evaluates the start point itself (trial step 0, accepted): the
-    # Gauss-Newton pass is traced, and compiled, once. With `check_start`, a start where f is
-    # not finite is replaced by zero, evaluated in the next iteration.
-    def gn_cond(c):
-        return ~c["stop"] & (c["k"] < max_iter + 1 + c["restarted"])
+    # Rounds: round 0 is the Gauss-Newton phase; every later round takes an exact Hessian at
+    # the current point and then chord steps with it. Both phases run in one first-order loop
+    # (one traced copy of the Gauss-Newton pass, which gives the trial point's value, gradient
+    # and curvature; chord steps ignore the curvature), and the Hessian is under a `cond` on
+    # whether any subject of the batch is past round 0 (`unvmap_any`), so that a batch
+    # computes it once per round, not in round 0. Rounds are synchronised: every subject still
+    # running is in the same round.
 
-    def gn_body(c):
-        eta, f, g, d, a, first = c["eta"], c["f"], c["g"], c["d"], c["a"], c["first"]
+    # -- the first-order loop ----------------------------------------------------------------
+    def fo_cond(c):
+        gn_go = ~c["stop"] & (c["k"] < max_iter + 1 + c["restarted"])
+        chord_go = ~c["conv"] & ~c["slow_c"] & (c["acc"] < newton_iter) & (c["a"] >= amin)
+        return jnp.where(c["r"] == 0, gn_go, chord_go)
+
+    def fo_body(c):
+        gn_mode = c["r"] == 0
+        eta, f, g, d, a = c["eta"], c["f"], c["g"], c["d"], c["a"]
+        first = c["first"] & gn_mode
         slope = g @ d
         ft, gt, Ht = gn(eta + a * d)
+        # The first Gauss-Newton iteration evaluates the start itself (trial step 0, accepted);
+        # with `check_start`, a start where f is not finite is replaced by zero, evaluated next.
         restart = first & check_start & ~c["restarted"] & ~jnp.isfinite(ft)
         ok = (first | _accept(f, ft, g, gt, a, slope)) & ~restart
         eta = jnp.where(ok, eta + a * d, eta)
         f_new = jnp.where(ok, ft, f)
         g_new = jnp.where(ok, gt, g)
-        H_new = jnp.where(ok, Ht, c["H"])
+        H_gn = jnp.where(ok & gn_mode, Ht, c["H_gn"])
         a = jnp.where(ok, 1.0, _shrink(a, f, ft, slope))
-        d = jnp.where(ok, -_solve_pd(H_new, g_new), d)
+        # Gauss-Newton steps use the curvature of their last accepted point, chord steps the
+        # round's exact Hessian.
+        d = jnp.where(ok, -_solve_pd(jnp.where(gn_mode, H_gn, c["H"]), g_new), d)
         gm, gm_old = _gmax(g_new), _gmax(g)
-        # Slow: an accepted step that was damped or contracted the gradient < 2x (the GN
-        # curvature is poor); rejected trial points only shrink the step.
+        # Gauss-Newton hand-over. Slow: an accepted step that was damped or contracted the
+        # gradient < 2x (the GN curvature is poor); rejected trial points only shrink the step.
         slow_step = ~first & ((c["a"] < 1.0) | (gm > 0.5 * gm_old))
         slow = jnp.where(ok, jnp.where(slow_step, c["slow"] + 1, 0), c["slow"])
         near = gm < gtol * scale(f_new)
         tiny = ~first & ((f - f_new) < 1e-6 * scale(f))
-        conv = gm < handover_gtol * scale(f_new)
+        handover = gm < handover_gtol * scale(f_new)
         stop = (
-            conv
+            handover
             | ((slow >= 2) & (near | tiny))
             | ((slow >= 4) & (gm < scale(f_new)))
             | (a < amin)
             | (first & ~jnp.isfinite(f_new))
         )
-        return dict(
+        return c | dict(
             eta=jnp.where(restart, jnp.zeros_like(eta), eta),
             f=f_new,
             g=g_new,
-            H=H_new,
+            H_gn=H_gn,
             d=d,
             a=jnp.where(restart, 0.0, a),
-            k=c["k"] + 1,
+            # Gauss-Newton bookkeeping
+            k=c["k"] + gn_mode,
             slow=slow,
             stop=stop & ~restart,
             first=restart,
             restarted=c["restarted"] | restart,
-        )
-
-    n = eta0.shape[0]
-    z = jnp.zeros_like(eta0)
-    c = dict(eta=eta0, f=jnp.zeros((), eta0.dtype), g=z, H=jnp.zeros((n, n), eta0.dtype), d=z)
-    c = c | dict(a=jnp.asarray(0.0, eta0.dtype), k=0, slow=0, stop=False, first=True)
-    c = c | dict(restarted=False)
-    c = jax.lax.while_loop(gn_cond, gn_body, c)
-
-    # -- phase 2: Newton, exact Hessian refreshed lazily, chord steps in between -----------
-    def chord_cond(s):
-        return ~s["conv"] & ~s["slow"] & (s["acc"] < newton_iter) & (s["a"] >= amin)
-
-    def chord_body(s):
-        eta, f, g, d, a, H = s["eta"], s["f"], s["g"], s["d"], s["a"], s["H"]
-        slope = g @ d
-        ft, gt, _ = gn(eta + a * d)  # the Gauss-Newton pass: no other copy of the model
-        ok = _accept(f, ft, g, gt, a, slope)
-        eta = jnp.where(ok, eta + a * d, eta)
-        f_new = jnp.where(ok, ft, f)
-        g_new = jnp.where(ok, gt, g)
-        a = jnp.where(ok, 1.0, _shrink(a, f, ft, slope))
-        d = jnp.where(ok, -_solve_pd(H, g_new), d)
-        gm = _gmax(g_new)
-        return s | dict(
-            eta=eta,
-            f=f_new,
-            g=g_new,
-            d=d,
-            a=a,
-            i=s["i"] + 1,
-            acc=s["acc"] + ok,
+            # chord bookkeeping
+            i=c["i"] + ~gn_mode,
+            acc=c["acc"] + (ok & ~gn_mode),
             conv=gm < newton_gtol * scale(f_new),
-            slow=ok & (gm > 0.25 * _gmax(g)),
+            slow_c=ok & (gm > 0.25 * _gmax(g)),
         )
 
-    def newton_cond(s):
-        return ~s["done"] & (s["r"] < max_hessians)
+    # -- rounds --------------------------------------------------------------------------------
+    def round_cond(s):
+        return ~s["done"] & (s["r"] <= max_hessians)
 
-    def newton_body(s):
+    def round_body(s):
+        newton = s["r"] > 0
         eta = s["eta"]
-        f, g, H = _value_grad_hess(fun, eta)
-        conv = _gmax(g) < newton_gtol * scale(f)
-        z = dict(eta=eta, f=f, g=g, H=H, d=-_solve_pd(H, g), a=jnp.asarray(1.0), i=0)
-        z = jax.lax.while_loop(chord_cond, chord_body, z | dict(conv=conv, slow=False, acc=0))
+        f, g, H = jax.lax.cond(
+            eqxi.unvmap_any(newton),
+            lambda: _value_grad_hess(fun, eta),
+            lambda: (s["f"], s["g"], s["H"]),
+        )
+        conv0 = _gmax(g) < newton_gtol * scale(f)
+        c = s | dict(
+            f=jnp.where(newton, f, s["f"]),
+            g=jnp.where(newton, g, s["g"]),
+            H=jnp.where(newton, H, s["H"]),
+            d=jnp.where(newton, -_solve_pd(H, g), s["d"]),
+            a=jnp.where(newton, 1.0, s["a"]),
+            i=0,
+            acc=0,
+            conv=newton & conv0,
+            slow_c=False,
+        )
+        z = jax.lax.while_loop(fo_cond, fo_body, c)
         moved = _gmax(z["eta"] - eta)
         # A fresh Hessian cannot help when no step was accepted, or when the only accepted
         # step, tiny, did not contract the gradient (the noise floor of an ODE solution).
         stuck = ~z["conv"] & ((z["a"] < amin) | ((z["acc"] == 1) & (moved <= hess_xtol)))
         done = (z["conv"] & (moved <= hess_xtol)) | stuck | ~jnp.isfinite(z["f"])
-        return dict(
-            eta=z["eta"],
-            f=z["f"],
-            g=z["g"],
-            H=H,
-            eta_H=eta,
+        return z | dict(
+            eta_H=jnp.where(newton, eta, z["eta"]),
             r=s["r"] + 1,
             n=s["n"] + z["i"],
-            done=done,
+            done=newton & done,
         )
 
-    s = dict(eta=c["eta"], f=c["f"], g=c["g"], H=c["H"], eta_H=c["eta"], r=0, n=0)
-    s = jax.lax.while_loop(newton_cond, newton_body, s | dict(done=False))
-    eta, f, g, H = s["eta"], s["f"], s["g"], s["H"]
+    n = eta0.shape[0]
+    z = jnp.zeros_like(eta0)
+    zH = jnp.zeros((n, n), eta0.dtype)
+    s = dict(eta=eta0, f=jnp.zeros((), eta0.dtype), g=z, H=zH, H_gn=zH, d=z)
+    s = s | dict(a=jnp.asarray(0.0, eta0.dtype), k=0, slow=0, stop=False, first=True)
+    s = s | dict(restarted=False, i=0, acc=0, conv=False, slow_c=False)
+    s = s | dict(eta_H=eta0, r=0, n=0, done=False)
+    s = jax.lax.while_loop(round_cond, round_body, s)
+    eta, f, g = s["eta"], s["f"], s["g"]
+    # Without a Newton round (max_hessians = 0) the curvature is Gauss-Newton's.
+    H = jnp.where(s["r"] > 1, s["H"], s["H_gn"])
     w, V = jnp.linalg.eigh(H)
     pd = jnp.all(w > 0)
     Hinv = V @ jnp.diag(1.0 / jnp.where(w > 0, w, jnp.inf)) @ V.T
     gnorm = _gmax(g)
     fresh = _gmax(eta - s["eta_H"]) <= hess_xtol
     converged = jnp.isfinite(f) & pd & fresh & (gnorm < 1e-5 * scale(f))
-    return ModeResult(eta, f, gnorm, H, Hinv, converged, c["k"] + s["r"] + s["n"])
+    hessians = jnp.maximum(s["r"] - 1, 0)
+    return ModeResult(eta, f, gnorm, H, Hinv, converged, s["k"] + hessians + s["n"])
