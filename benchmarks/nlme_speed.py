@@ -525,7 +525,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--n", type=int, default=500, help="subjects in the EBE/Hessian task")
     ap.add_argument("--scipy-n", type=int, default=20, help="subjects timed in the SciPy loop")
     ap.add_argument(
-        "--repeats", type=int, default=2, help="warm popkin calls, best kept (0: first call)"
+        "--repeats", type=int, default=5, help="warm popkin calls, best kept (0: first call)"
     )
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (compile-bound)")
     ap.add_argument("--out", type=Path, default=None, help="output directory")

@@ -15,8 +15,10 @@ Opt-in because it can hang: with jaxlib 0.10.2, exp1's joint fit (200 subjects, 
 closed-form PD model) hung at its first evaluation on 2 chunks, deterministically, both chunk
 threads in `block_until_ready` and no XLA worker running; it completes with one thread, and
 neither `--xla_cpu_multi_thread_eigen=false` nor `jax_cpu_enable_async_dispatch=False`
-prevents it. The cause inside XLA:CPU is not known. (The EBE benchmark's ODE programs ran on
-2 chunks without hanging, ~1.4x faster on this 2-vCPU machine.)
+prevents it. The cause inside XLA:CPU is not known. The EBE benchmark's ODE mode program ran
+on 2 chunks without hanging (~1.4x faster on this 2-vCPU machine) until the ODE solver's
+stages were unrolled (`UnrolledTsit5`); that program then hung the same way, idle, while on
+one thread it runs 2.4x faster than before, so the benchmark now runs one program.
 """
 
 from __future__ import annotations
