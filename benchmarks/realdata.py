@@ -183,9 +183,9 @@ def _predictive(fit, i: int, key, n: int = 2000):
     etas = jax.random.multivariate_normal(k1, mode, cov, (n,))
 
     def draw(e, k):
-        loc, scale, _, _ = pred.distributions(th, sg, e, s)
+        loc, scale, _, _, logf = pred.distributions(th, sg, e, s, with_transforms=True)
         z = loc + scale * jax.random.normal(k, loc.shape)
-        return jnp.where(pred.transforms(th, sg, s), jnp.exp(z), z)
+        return jnp.where(logf, jnp.exp(z), z)
 
     ys = jax.jit(jax.vmap(draw))(etas, jax.random.split(k2, n))
     ipred = pred.distributions(th, sg, mode, s)[3]

@@ -9,7 +9,7 @@ What is measured (individuals simulated per second, warm, on this machine's CPUs
 - `turnover_ode`: 1-compartment IV bolus PK (same dosing) driving a stimulatory indirect
   response, `R' = kin (1 + smax Cp / (Cp + sc50)) - kout R`, `R(0) = kin / kout`; two states,
   both observed (concentration and response, 12 samples each), IIV on cl, v, kin, sc50.
-  popkin solves it with its `ODE` dynamics (diffrax Tsit5); SciPy with `solve_ivp` (RK45), both at
+  popkin solves it with its `ODE` dynamics (`UnrolledTsit5`); SciPy with `solve_ivp` (RK45), both at
   rtol 1e-6 / atol 1e-9.
 
 Design choices:
@@ -34,7 +34,6 @@ Run: `.venv/bin/python benchmarks/simulate.py [--n 10000] [--quick] [--out DIR]`
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -53,7 +52,7 @@ import popkin
 from popkin.models._ode import ODE
 from popkin.params import default_params
 from popkin.priors import Gaussian
-from popkin.simulate import predictor_for
+from popkin.simulate import _one_replicate, predictor_for
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TIMES = np.array([0.5, 1.0, 2.0, 4.0, 8.0, 12.0, 24.0, 36.0, 60.0, 62.0, 66.0, 84.0])
@@ -145,22 +144,9 @@ def design(n: int, dose_cmt: int, obs: list[tuple[int, int]]) -> pd.DataFrame:
 
 
 # -- popkin ------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnums=0)
-def _kernel(pred, params, prior, subjects, key):
-    """The model evaluation inside `popkin.simulate`, jitted once with the data as arguments."""
-    n = subjects.records.time.shape[0]
-    k_eta, k_eps = jax.random.split(key)
-    eta = prior.sample(k_eta, (n,))
-
-    def subject(e, s, k):
-        loc, scale, _, ipred = pred.distributions(params.theta, params.sigma, e, s)
-        _, _, _, p0 = pred.distributions(params.theta, params.sigma, jnp.zeros_like(e), s)
-        z = loc + scale * jax.random.normal(k, loc.shape)
-        logf = pred.transforms(params.theta, params.sigma, s)
-        return jnp.where(logf, jnp.exp(z), z), p0, ipred
-
-    y, p0, ipred = jax.vmap(subject)(eta, subjects, jax.random.split(k_eps, n))
-    return eta, y, p0, ipred
+#: The model evaluation inside `popkin.simulate` (one replicate), jitted once with the data as
+#: arguments (`n_eta` static).
+_kernel = jax.jit(_one_replicate, static_argnums=(0, 4))
 
 
 class _CompileClock:
@@ -196,7 +182,7 @@ def time_popkin(model, population, repeats: int, clock: _CompileClock) -> dict:
     # The same evaluation compiled once (what simulate costs without tracing/compiling/pandas).
     pred = predictor_for(model, population)
     prior = Gaussian(params.omega)
-    args = (pred, params, prior, population.subjects)
+    args = (pred, params, prior, population.subjects, len(model.eta_names))
     jax.block_until_ready(_kernel(*args, jax.random.key(0)))
     kernel = np.inf
     for r in range(max(repeats, 3)):

@@ -21,11 +21,11 @@ def _one_replicate(pred: Predictor, params: ModelParams, prior, subjects, n_eta:
     eta = prior.sample(k_eta, (n,)) if n_eta else jnp.zeros((n, 0))
 
     def subj(e, s, kk):
-        # IPRED (at eta) and PRED (at eta = 0) from one batched call: one traced copy of the
-        # model (an ODE model's solve is the bulk of the program).
-        dist = lambda x: pred.distributions(params.theta, params.sigma, x, s, True)
-        loc, scale, _, ipreds, logf = jax.vmap(dist)(jnp.stack([e, jnp.zeros_like(e)]))
-        loc, scale, ipred, p0, logf = loc[0], scale[0], ipreds[0], ipreds[1], logf[0]
+        # IPRED (at eta) with the log-transform flags from the same call; PRED (at eta = 0) as
+        # a second call: batching the two into one call halves an ODE model's compile time but
+        # doubled its run time (10k subjects of benchmarks/simulate.py's turnover model).
+        loc, scale, _, ipred, logf = pred.distributions(params.theta, params.sigma, e, s, True)
+        p0 = pred.distributions(params.theta, params.sigma, jnp.zeros_like(e), s)[3]
         z = loc + scale * jax.random.normal(kk, loc.shape)
         return jnp.where(logf, jnp.exp(z), z), p0, ipred
 

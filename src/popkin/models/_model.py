@@ -226,16 +226,7 @@ class Predictor:
         model at eta = 0; `distributions(..., with_transforms=True)` gives them with a solve
         that is needed anyway)."""
         eta = jnp.zeros(len(self.model.eta_names))
-        p = self.individual(theta, eta, subject)
-        sol = None
-        if self.model.dynamics is not None:
-            rec = subject.records
-            sol = self.model.dynamics.solve(
-                p, subject.doses, rec.time, subject.resets, rows=rec.row
-            )
-        dists = list(self.model.observe(p, sol, Namespace(sigma)).values())
-        flags = jnp.asarray([bool(d.log_transform) for d in dists])
-        return flags[self.emap[subject.records.endpoint]]
+        return self.distributions(theta, sigma, eta, subject, with_transforms=True)[4]
 
     def loglik(self, theta: dict, sigma: dict, eta: jax.Array, subject: Subjects) -> jax.Array:
         """`log p(y_i | eta_i, theta)`: sum over the subject's observations (M3 for CENS)."""
