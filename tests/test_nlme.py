@@ -209,3 +209,55 @@ def test_inner_mode_reaches_the_minimum_through_an_indefinite_hessian():
                                   options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 5000})  # fmt: skip
     assert ref.fun < f(np.zeros(3)) - 100  # the minimum is far from the start
     np.testing.assert_allclose(np.asarray(fit.eta)[0], ref.x, atol=1e-5)
+
+
+def test_reverse_mode_gradient_equals_forward_mode_jacobian():
+    """`fit`'s reverse-mode gradient of the total OFV (closed-form dynamics) equals the sum of
+    the per-subject forward-mode Jacobian (an independent differentiation of the same OFV),
+    and central differences of the OFV itself, away from the optimum."""
+    from popkin.nlme._fit import _Engine, _ofv_and_jac
+
+    pop = popkin.datasets.theophylline()
+    model = Theophylline()
+    eng = _Engine(model, pop, "focei")
+    assert eng.reverse
+    u = jnp.asarray(eng.pack(popkin.default_params(model))) + 0.05
+    res = eng.modes(u, eng.eta_start())
+    vals, grad = eng.ofv_and_grad(u, res.eta, res.hess_inv)
+    v_f, jac = _ofv_and_jac(
+        eng.problem, eng.estimate_omega, u, res.eta, res.hess_inv, pop.subjects, None
+    )
+    np.testing.assert_allclose(vals, v_f, rtol=1e-12)
+    np.testing.assert_allclose(grad, np.sum(jac, axis=0), rtol=1e-9, atol=1e-9)
+
+    def total(uu):  # the OFV with the modes re-found at uu
+        r = eng.modes(uu, res.eta)
+        return float(np.sum(eng.ofv_and_grad(uu, r.eta, r.hess_inv)[0]))
+
+    h = 1e-5
+    for k in range(u.size):
+        e = jnp.zeros_like(u).at[k].set(h)
+        fd = (total(u + e) - total(u - e)) / (2 * h)
+        assert fd == pytest.approx(float(grad[k]), rel=1e-5, abs=1e-5)
+
+
+def test_eta_starts():
+    """`eta_starts="best"` searches from the lower-f of (warm start, zero): from an absurd
+    warm start it finds the zero start's modes; "both" reaches the same fit; bad values are
+    rejected."""
+    from popkin.nlme._fit import _Engine, _modes
+
+    pop = popkin.datasets.theophylline()
+    model = Theophylline()
+    eng = _Engine(model, pop, "focei")
+    u = jnp.asarray(eng.pack(popkin.default_params(model)))
+    zero = _modes(eng.problem, True, u, eng.eta_start(), pop.subjects, None)
+    far = eng.eta_start() + 4.0  # f(far) >> f(0) for every subject
+    best = _modes(eng.problem, True, u, far, pop.subjects, None, starts="best")
+    np.testing.assert_allclose(best.eta, zero.eta, atol=1e-8)
+    fits = {
+        s: popkin.fit(model, pop, "focei", covariance=None, eta_starts=s) for s in ("best", "both")
+    }
+    assert fits["best"].ofv == pytest.approx(fits["both"].ofv, abs=1e-6)
+    with pytest.raises(ValueError, match="eta_starts must be one of"):
+        popkin.fit(model, pop, "focei", eta_starts="random")

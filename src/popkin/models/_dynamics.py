@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -39,7 +40,12 @@ class AbstractDynamics(eqx.Module):
     Doses go into `doses.cmt` (0-based index into `states`). The individual parameters `p` may
     hold `lag` (lag time) and `bioav` (bioavailability fraction), applied to doses into
     `dose_compartment`.
+
+    `reverse_mode`: whether `amounts` can be reverse-differentiated (no `while_loop` with a
+    dynamic trip count); `popkin.fit` then takes the OFV gradient in reverse mode.
     """
+
+    reverse_mode: ClassVar[bool] = True
 
     @property
     @abc.abstractmethod

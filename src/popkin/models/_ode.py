@@ -31,6 +31,7 @@ A failed solve (step budget exhausted, non-finite values) gives NaN amounts, nev
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import ClassVar
 
 import diffrax
 import equinox as eqx
@@ -132,9 +133,11 @@ class ODE(AbstractDynamics):
       (value and derivatives); its run time is zero without SS doses.
 
     `amounts(p, doses, times, resets)` returns the states at `times`, shape (R, n_states). It is
-    traceable, vmappable over subjects and differentiable in forward mode (jacfwd of jacfwd).
+    traceable, vmappable over subjects and differentiable in forward mode (jacfwd of jacfwd),
+    not in reverse mode (the event-interval loops have dynamic trip counts).
     """
 
+    reverse_mode: ClassVar[bool] = False
     rhs: Callable = eqx.field(static=True)
     state_names: tuple[str, ...] = eqx.field(static=True)
     init_fn: Callable | None = eqx.field(static=True)
