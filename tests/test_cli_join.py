@@ -94,15 +94,24 @@ def test_joint_save_load_round_trip_gaussian(saved, tmp_path):
 
 
 @pytest.mark.slow  # trains a (tiny) flow: ~25 s of compilation
-def test_joint_save_load_round_trip_flow(saved, tmp_path):
+@pytest.mark.parametrize("whiten", ["full", "diag"])
+def test_joint_save_load_round_trip_flow(saved, tmp_path, whiten):
+    """Flows reload exactly; "diag" files are also read without the `whiten` key (files
+    written before it existed)."""
+    import json
+
     from popkin import load_fit
 
     fits = [load_fit(saved["fit1"]), load_fit(saved["fit2"])]
     x = np.random.default_rng(0).normal(size=(400, 4))
     flow, losses = fit_flow(x, key=jax.random.key(2), max_epochs=2, transformer="spline",
-                            flow_layers=2, nn_width=8)  # fmt: skip
+                            flow_layers=2, nn_width=8, whiten=whiten)  # fmt: skip
     j = JointModel(fits, flow, "flow", losses)
     j.save(tmp_path / "f.json")
+    if whiten == "diag":
+        doc = json.loads((tmp_path / "f.json").read_text())
+        assert doc["prior"]["config"].pop("whiten") == "diag"
+        (tmp_path / "f.json").write_text(json.dumps(doc))
     j2 = load_joint(tmp_path / "f.json")
     np.testing.assert_allclose(np.asarray(j2.prior.log_prob(x[:20])),
                                np.asarray(flow.log_prob(x[:20])), rtol=0, atol=0)  # fmt: skip

@@ -412,6 +412,7 @@ def _flow_config(dist) -> dict:
         free = dim - int(coupling.untransformed_dim)
         return {
             "dim": dim,
+            "whiten": "full" if type(dist.bijection).__name__ == "TriangularAffine" else "diag",
             "flow_layers": int(mlp.layers[0].weight.shape[0]),
             "nn_width": int(mlp.width_size),
             "nn_depth": int(mlp.depth),
@@ -434,7 +435,7 @@ def _prior_from_doc(doc: dict):
     if t == "independent":
         return Independent([_prior_from_doc(p) for p in doc["parts"]], doc["sizes"])
     if t == "flow":
-        from flowjax.bijections import Affine, RationalQuadraticSpline
+        from flowjax.bijections import Affine, RationalQuadraticSpline, TriangularAffine
         from flowjax.distributions import Normal, Transformed
         from flowjax.flows import coupling_flow
 
@@ -448,7 +449,12 @@ def _prior_from_doc(doc: dict):
         flow = coupling_flow(jax.random.key(0), base_dist=Normal(jnp.zeros(dim)), transformer=tr,
                              flow_layers=c["flow_layers"], nn_width=c["nn_width"],
                              nn_depth=c["nn_depth"], nn_activation=jax.nn.tanh)  # fmt: skip
-        skeleton = Transformed(flow, Affine(jnp.zeros(dim), jnp.ones(dim)))
+        # Files written before `whiten` existed hold the per-coordinate standardisation.
+        if c.get("whiten", "diag") == "full":
+            outer = TriangularAffine(jnp.zeros(dim), jnp.eye(dim))
+        else:
+            outer = Affine(jnp.zeros(dim), jnp.ones(dim))
+        skeleton = Transformed(flow, outer)
         return eqx.tree_deserialise_leaves(io.BytesIO(base64.b64decode(doc["leaves"])), skeleton)
     raise ValueError(f"unknown prior type {t!r}")
 
