@@ -404,6 +404,8 @@ def _prior_doc(prior) -> dict:
 
 def _flow_config(dist) -> dict:
     """Hyper-parameters of a `fit_flow` flow, read off its structure (to rebuild a skeleton)."""
+    from flowjax.bijections import TriangularAffine
+
     try:
         inner = dist.base_dist
         coupling = inner.bijection.bijection.bijection.bijections[0]
@@ -412,7 +414,7 @@ def _flow_config(dist) -> dict:
         free = dim - int(coupling.untransformed_dim)
         return {
             "dim": dim,
-            "whiten": "full" if type(dist.bijection).__name__ == "TriangularAffine" else "diag",
+            "whiten": "full" if isinstance(dist.bijection, TriangularAffine) else "diag",
             "flow_layers": int(mlp.layers[0].weight.shape[0]),
             "nn_width": int(mlp.width_size),
             "nn_depth": int(mlp.depth),

@@ -60,10 +60,12 @@ def fit_flow(
         raise ValueError(f"samples must be (n, d) or (n_subjects, n_draws, d), got {x.shape}")
     if whiten not in ("full", "diag"):
         raise ValueError(f"whiten must be 'full' or 'diag', got {whiten!r}")
-    flat = x.reshape(-1, x.shape[-1])
     dim = x.shape[-1]
+    if dim == 1:
+        raise ValueError("a coupling flow needs at least 2 random effects; use prior='gaussian'")
+    flat = x.reshape(-1, dim)
     m = flat.mean(0)
-    if whiten == "full" and dim > 1:
+    if whiten == "full":
         cov = jnp.cov(flat, rowvar=False) + 1e-12 * jnp.eye(dim)
         chol = jnp.linalg.cholesky(cov)
         z = jax.scipy.linalg.solve_triangular(chol, (x - m)[..., None], lower=True)[..., 0]
@@ -81,8 +83,6 @@ def fit_flow(
         batch_size = max(1, min(batch_size, n_val, z.shape[0] - n_val))
     k_init, k_fit = jax.random.split(key)
     tr = Affine() if transformer == "affine" else RationalQuadraticSpline(knots=8, interval=5.0)
-    if dim == 1:
-        raise ValueError("a coupling flow needs at least 2 random effects; use prior='gaussian'")
     flow = coupling_flow(
         k_init,
         base_dist=Normal(jnp.zeros(dim)),

@@ -146,9 +146,7 @@ class _Engine:
         self, model: Model, population: Population, method: str, prior=None,
         eta_starts: str = "best",
     ):  # fmt: skip
-        if eta_starts not in ETA_STARTS:
-            raise ValueError(f"eta_starts must be one of {ETA_STARTS}, got {eta_starts!r}")
-        self.eta_starts = eta_starts
+        self.eta_starts = eta_starts  # checked by `_modes`, before anything is compiled
         self.model = model
         self.population = population
         self.method = method
